@@ -1,0 +1,228 @@
+"""DICOM slice → Hounsfield units → three CT windows as a float32 image, for training and serving.
+
+This is the only preprocessing in the project: the worker and `python -m training` both call
+`load_slice()`, so what the model saw in training is what it sees in service. Scaling that
+belongs to a particular network (Inception's [-1, 1]) lives inside the saved model; this module
+returns windows in [0, 1].
+
+A slice that cannot be used raises `SliceError` with a reason code — it is never turned into a
+blank image that the model would score as normal.
+"""
+from __future__ import annotations
+
+import io
+import os
+from functools import lru_cache
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+#: Largest Rows/Columns we decode: real CT is ≤ 1024²; a hostile header must not allocate GBs.
+MAX_DIMENSION = 4096
+#: Air, used for pixels outside the scanner's field of view (PixelPaddingValue).
+AIR_HU = -1000.0
+
+
+class Window(NamedTuple):
+    level: float
+    width: float
+
+
+#: Brain, subdural and soft-tissue windows: the three input channels, in this order.
+WINDOWS: tuple[Window, ...] = (Window(40, 80), Window(80, 200), Window(40, 380))
+
+#: Every reason code `SliceError` can carry; metric labels and logs use these.
+REASONS = frozenset({
+    "undecodable",              # not DICOM, or the pixel codec failed
+    "truncated",                # file or pixel data shorter than the header says
+    "not_ct",                   # Modality is not CT
+    "no_pixel_data",            # no (7FE0,0010) Pixel Data element
+    "bad_geometry",             # Rows/Columns missing or zero
+    "too_large",                # Rows/Columns over MAX_DIMENSION
+    "multi_frame",              # NumberOfFrames > 1 where one slice is expected
+    "unsupported_photometric",  # colour or anything but MONOCHROME1/2 with one sample
+    "unsupported_bits",         # BitsAllocated/BitsStored we cannot interpret
+    "blank",                    # every pixel has the same value: nothing to score
+})
+
+
+class SliceError(ValueError):
+    """A slice that cannot be scored; `reason` is one of REASONS (safe for logs and labels)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO | Dataset
+
+
+def read_dataset(source: Source) -> Dataset:
+    """Parse a DICOM Part 10 file (bytes, path or file object); a Dataset passes through."""
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    try:
+        ds = pydicom.dcmread(source)
+    except InvalidDicomError as exc:
+        raise SliceError("undecodable", f"not a DICOM file ({exc})") from None
+    except (EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise SliceError("truncated", f"file ends early ({exc})") from None
+    except Exception as exc:  # pydicom raises many types for malformed element streams
+        raise SliceError("undecodable", f"{type(exc).__name__}: {exc}") from None
+    if len(ds) == 0:  # pydicom stops quietly at EOF: a file cut inside its header reads empty
+        raise SliceError("truncated", "no data set after the file meta information")
+    return ds
+
+
+def check_slice(ds: Dataset, require_ct: bool = True) -> None:
+    """Header checks that are cheap and must precede decoding (a hostile header must fail
+    here, before any allocation). PS3.3 C.7.6.3 Image Pixel Module defines these attributes."""
+    if require_ct and str(ds.get("Modality", "")).upper() != "CT":
+        raise SliceError("not_ct", f"Modality {ds.get('Modality')!r}")
+    if "PixelData" not in ds:
+        raise SliceError("no_pixel_data", "no Pixel Data element")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not cols:
+        raise SliceError("bad_geometry", f"Rows={rows} Columns={cols}")
+    if rows > MAX_DIMENSION or cols > MAX_DIMENSION:
+        raise SliceError("too_large", f"{rows}x{cols} exceeds {MAX_DIMENSION}")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames != 1:
+        raise SliceError("multi_frame", f"NumberOfFrames={frames}")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise SliceError("unsupported_photometric", f"{photometric or 'none'}, {samples} samples")
+    allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
+    if allocated not in (8, 16, 32) or not stored or stored > allocated:
+        raise SliceError("unsupported_bits", f"BitsAllocated={allocated} BitsStored={stored}")
+    if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
+        expected = rows * cols * allocated // 8
+        have = len(ds.PixelData)
+        if have < expected:
+            raise SliceError("truncated", f"pixel data {have} bytes, header implies {expected}")
+
+
+def to_hu(ds: Dataset) -> np.ndarray:
+    """Decode pixels and apply the modality LUT (RescaleSlope/Intercept) → float32 HU.
+
+    Includes the known RSNA 2019 fix: some 12-bit unsigned slices carry an intercept near 0
+    while their values wrapped modulo 4096; they are unwrapped and given intercept -1000.
+    Pixels equal to PixelPaddingValue (outside the scanner's field of view) become air.
+    """
+    try:
+        stored = ds.pixel_array
+    except (ValueError, EOFError) as exc:
+        reason = "truncated" if "length" in str(exc).lower() or isinstance(exc, EOFError) else "undecodable"
+        raise SliceError(reason, f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # codec plugins raise RuntimeError, NotImplementedError, ...
+        raise SliceError("undecodable", f"{type(exc).__name__}: {exc}") from None
+    if stored.ndim != 2:
+        raise SliceError("multi_frame", f"decoded shape {stored.shape}")
+
+    slope = _float(ds, "RescaleSlope", 1.0)
+    intercept = _float(ds, "RescaleIntercept", 0.0)
+    stored = stored.astype(np.int32, copy=False)
+    padding = _padding_mask(ds, stored)
+    if _int(ds, "BitsStored") == 12 and _int(ds, "PixelRepresentation") == 0 and intercept > -100:
+        stored = stored + 1000
+        stored[stored >= 4096] -= 4096
+        intercept = -1000.0
+    hu = stored.astype(np.float32)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    hu += np.float32(intercept)
+    if padding is not None:
+        hu[padding] = AIR_HU
+    if hu.size and hu.min() == hu.max():
+        raise SliceError("blank", f"every pixel is {hu.flat[0]:g} HU")
+    return hu
+
+
+def windows(hu: np.ndarray, windows: tuple[Window, ...] = WINDOWS) -> np.ndarray:
+    """HU (H, W) → (H, W, len(windows)) float32, each channel clipped to its window, in [0, 1]."""
+    lows = np.array([w.level - w.width / 2 for w in windows], dtype=np.float32)
+    widths = np.array([w.width for w in windows], dtype=np.float32)
+    out = hu[..., None] - lows
+    out /= widths
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a 2-D image to size×size with a separable triangle (antialiased bilinear) filter:
+    two matrix products, vectorised and identical in training and serving."""
+    rows, cols = image.shape
+    if (rows, cols) == (size, size):
+        return image.astype(np.float32, copy=False)
+    return _resize_matrix(rows, size) @ image.astype(np.float32, copy=False) @ _resize_matrix(cols, size).T
+
+
+def load_slice(source: Source, size: int = 224, require_ct: bool = True) -> np.ndarray:
+    """One slice → (size, size, 3) float32 windows in [0, 1]; raises SliceError."""
+    ds = read_dataset(source)
+    check_slice(ds, require_ct=require_ct)
+    # Resize in HU (linear), then window: one channel to resample instead of three.
+    return windows(resize(to_hu(ds), size))
+
+
+@lru_cache(maxsize=64)
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a triangle filter widened by the scale factor when shrinking,
+    pixel centres aligned like PIL/TF `antialias=True`; rows sum to 1."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale - 0.5
+    distance = np.abs(np.arange(n_in)[None, :] - centres[:, None]) / support
+    weights = np.maximum(0.0, 1.0 - distance)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights = weights.astype(np.float32)
+    weights.setflags(write=False)
+    return weights
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels in [PixelPaddingValue, PixelPaddingRangeLimit] (PS3.3 C.7.5.1.1.2), or None."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    value = _int(ds, "PixelPaddingValue")
+    limit = _int(ds, "PixelPaddingRangeLimit", value)
+    if _int(ds, "PixelRepresentation") == 1:  # implicit VR reads "US or SS" as unsigned
+        value, limit = (v - 65536 if v > 32767 else v for v in (value, limit))
+    lo, hi = min(value, limit), max(value, limit)
+    mask = (stored >= lo) & (stored <= hi)
+    return mask if mask.any() else None
+
+
+def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value[0] if isinstance(value, (list, pydicom.multival.MultiValue)) else value)
+    except (TypeError, ValueError):
+        raise SliceError("undecodable", f"{keyword} is not an integer") from None
+
+
+def _float(ds: Dataset, keyword: str, default: float) -> float:
+    """Numeric attribute tolerant of multi-valued fields (RSNA files carry some)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if isinstance(value, (list, pydicom.multival.MultiValue)):
+        value = value[0]
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise SliceError("undecodable", f"{keyword} is not a number") from None
+    if not np.isfinite(result):
+        raise SliceError("undecodable", f"{keyword} is not finite")
+    return result

@@ -1,0 +1,39 @@
+"""Every Redis key and Celery queue name, defined once (the arq/rq habit).
+
+Listener, worker, alerts and tests import these; nobody spells a key by hand. All keys live
+under one prefix so a shared Redis can be inspected (`SCAN MATCH ich:*`) and cleaned safely.
+"""
+from __future__ import annotations
+
+PREFIX = "ich"
+
+#: Celery queue of score requests (one message per received CT slice).
+SCORE_QUEUE = "ich.score"
+#: Celery queue of webhook deliveries: separate so a slow consumer never slows scoring.
+ALERTS_QUEUE = "alerts"
+
+#: Alerts whose last delivery attempt failed (a Redis list of JSON records).
+DEAD_LETTERS = f"{PREFIX}:alerts:dead"
+#: Studies with unsent summaries, scored by the time of their last slice (a sorted set).
+ACTIVE_STUDIES = f"{PREFIX}:studies:active"
+
+
+def slice_bytes(token: str) -> str:
+    """The received DICOM bytes of one instance, keyed by a per-receipt token (not the SOP
+    Instance UID: a resent instance with the same UID but new content must not overwrite)."""
+    return f"{PREFIX}:slice:{token}"
+
+
+def study_state(study_uid: str) -> str:
+    """Hash of one study's running state: slices scored, max probability per label, times."""
+    return f"{PREFIX}:study:{study_uid}"
+
+
+def study_results(study_uid: str) -> str:
+    """Hash of per-slice results of one study, by SOP Instance UID."""
+    return f"{PREFIX}:study:{study_uid}:slices"
+
+
+def alert_sent(study_uid: str, model_version: str, kind: str) -> str:
+    """Idempotency marker: one alert per (study, model version, kind) (DESIGN §4)."""
+    return f"{PREFIX}:alert:{study_uid}:{model_version}:{kind}"
