@@ -105,7 +105,8 @@ def check_slice(ds: Dataset, require_ct: bool = True) -> None:
     allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
     if allocated not in (8, 16, 32) or not stored or stored > allocated:
         raise SliceError("unsupported_bits", f"BitsAllocated={allocated} BitsStored={stored}")
-    if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
+    meta = getattr(ds, "file_meta", None) or {}
+    if not meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
         expected = rows * cols * allocated // 8
         have = len(ds.PixelData)
         if have < expected:

@@ -1,0 +1,161 @@
+"""The model and its artifact: what training writes and what workers load (DESIGN §3).
+
+An artifact is a folder `models/<version>/` holding `model.keras` and `model.json` (the model
+card: labels in order, input size, windows, thresholds, metrics, training data). `models/current`
+is a symlink to the version in service; `promote()` swaps it atomically.
+
+The network takes the windowed image of `ich.imaging` in [0, 1]; the scaling each Keras engine
+expects is the model's first layers, so serving code never needs to know the engine.
+TensorFlow is imported lazily: importing this module (e.g. to read a card) stays cheap.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ich.imaging import WINDOWS
+from ich.labels import DEFAULT_THRESHOLDS, LABELS
+
+if TYPE_CHECKING:
+    import keras
+
+MODEL_FILE = "model.keras"
+CARD_FILE = "model.json"
+
+# keras.applications preprocessing modes, reproduced with serialisable layers on [0, 1] input.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_SCALING = {  # engine name prefix → mode
+    "Inception": "tf", "Xception": "tf", "MobileNet": "tf", "NASNet": "tf",
+    "DenseNet": "torch", "ResNet": "caffe", "VGG": "caffe",
+    "EfficientNet": "raw255", "ConvNeXt": "raw255", "RegNet": "raw255",
+}
+
+
+class ArtifactError(RuntimeError):
+    """A model folder that a worker must not serve (missing file, wrong labels, bad card)."""
+
+
+@dataclass
+class ModelCard:
+    """model.json: everything a worker or a reviewer needs to know about a model version."""
+
+    version: str
+    engine: str = "InceptionV3"
+    input_size: int = 224
+    labels: list[str] = field(default_factory=lambda: list(LABELS))
+    windows: list[dict[str, float]] = field(
+        default_factory=lambda: [w._asdict() for w in WINDOWS])
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    def validate(self) -> None:
+        if list(self.labels) != list(LABELS):
+            raise ArtifactError(f"model labels {self.labels} differ from {list(LABELS)}")
+        if [tuple(w.values()) for w in self.windows] != [tuple(w) for w in WINDOWS]:
+            raise ArtifactError(f"model windows {self.windows} differ from ich.imaging.WINDOWS")
+        if not 32 <= int(self.input_size) <= 1024:
+            raise ArtifactError(f"input_size {self.input_size} out of range")
+        for label, value in self.thresholds.items():
+            if label not in LABELS or not 0 < float(value) < 1:
+                raise ArtifactError(f"threshold {label}={value} is not a label probability")
+
+    @classmethod
+    def read(cls, folder: Path) -> "ModelCard":
+        path = Path(folder) / CARD_FILE
+        try:
+            raw = json.loads(path.read_text())
+            card = cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+        except (OSError, ValueError, TypeError) as exc:
+            raise ArtifactError(f"cannot read {path}: {exc}") from None
+        card.validate()
+        return card
+
+    def write(self, folder: Path) -> None:
+        self.validate()
+        (Path(folder) / CARD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def build_model(engine: str = "InceptionV3", input_size: int = 224, weights: str | None = None,
+                bn_momentum: float | None = None) -> "keras.Model":
+    """`engine` without its top, global average pooling, Dense(6, sigmoid) in LABELS order.
+
+    `weights`: None (from scratch, the default here: nothing can be downloaded), "imagenet"
+    (Keras downloads them where the internet is reachable) or a local weights file path.
+    `bn_momentum`: Keras' 0.99 suits long ImageNet runs; short runs from scratch need a lower
+    value or the running statistics used at inference never settle (DESIGN §6).
+    """
+    import keras
+
+    try:
+        constructor = getattr(keras.applications, engine)
+    except AttributeError:
+        raise ValueError(f"unknown keras.applications engine {engine!r}") from None
+    inputs = keras.Input((input_size, input_size, 3), name="windows")
+    x = _engine_scaling(engine, inputs)
+    base = constructor(include_top=False, weights=weights, input_shape=(input_size, input_size, 3),
+                       pooling="avg")
+    if bn_momentum is not None:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+    outputs = keras.layers.Dense(len(LABELS), activation="sigmoid", name="ich")(base(x))
+    return keras.Model(inputs, outputs, name=f"ich_{engine.lower()}")
+
+
+def _engine_scaling(engine: str, x):
+    import keras
+
+    mode = next((m for prefix, m in _SCALING.items() if engine.startswith(prefix)), "tf")
+    if mode == "tf":  # [-1, 1]
+        return keras.layers.Rescaling(2.0, offset=-1.0, name="scale")(x)
+    if mode == "torch":  # ImageNet mean/std on [0, 1]
+        return keras.layers.Normalization(mean=_IMAGENET_MEAN,
+                                          variance=[s * s for s in _IMAGENET_STD], name="scale")(x)
+    if mode == "caffe":  # 0-255, ImageNet means subtracted (our channels are windows, not RGB)
+        x = keras.layers.Rescaling(255.0, name="scale")(x)
+        return keras.layers.Normalization(mean=_CAFFE_MEAN_BGR, variance=[1.0, 1.0, 1.0], name="caffe")(x)
+    return keras.layers.Rescaling(255.0, name="scale")(x)  # engines that scale internally
+
+
+def save_artifact(model: "keras.Model", card: ModelCard, root: Path) -> Path:
+    """Write `root/<version>/` (model then card, so a card always describes a full model)."""
+    folder = Path(root) / card.version
+    folder.mkdir(parents=True, exist_ok=False)
+    model.save(folder / MODEL_FILE)
+    card.write(folder)
+    return folder
+
+
+def load_artifact(folder: Path) -> tuple["keras.Model", ModelCard]:
+    """Load a model for serving; the card is checked first so a bad folder fails fast."""
+    import keras
+
+    folder = Path(folder).resolve()
+    card = ModelCard.read(folder)
+    if not (folder / MODEL_FILE).is_file():
+        raise ArtifactError(f"{folder / MODEL_FILE} is missing")
+    model = keras.models.load_model(folder / MODEL_FILE, compile=False)
+    if tuple(model.input_shape[1:]) != (card.input_size, card.input_size, 3):
+        raise ArtifactError(f"model input {model.input_shape} ≠ card input_size {card.input_size}")
+    if model.output_shape[-1] != len(LABELS):
+        raise ArtifactError(f"model has {model.output_shape[-1]} outputs, expected {len(LABELS)}")
+    return model, card
+
+
+def promote(version_folder: Path, current: Path) -> None:
+    """Point `current` (a symlink) at `version_folder` atomically: workers never see a gap."""
+    current = Path(current)
+    target = os.path.relpath(Path(version_folder).resolve(), current.parent.resolve())
+    tmp = current.with_name(f".{current.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, current)

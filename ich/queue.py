@@ -1,0 +1,124 @@
+"""The score queue: how a received slice becomes a Celery task in Redis, in one atomic step.
+
+The listener may return Success only after Redis holds both the slice bytes and the task message
+(DESIGN §4). A Lua script does the depth check, the SET of the bytes (with a TTL, so an orphan
+cannot leak memory) and the LPUSH of the message atomically, in one round trip.
+
+The message is a Celery protocol-2 task message in kombu's Redis transport format, built with
+Celery's own `as_task_v2`, so the worker's `Batches` task consumes it like any other; the
+listener needs neither a Celery app nor TensorFlow.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import redis
+from celery import Celery
+from kombu.serialization import dumps as kombu_dumps
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ich import keys
+
+#: Celery task name of a score request: the contract between listener and worker.
+SCORE_TASK = "ich.score_slice"
+
+
+class QueueFull(Exception):
+    """More than ICH_MAX_QUEUE slices wait: back-pressure (the listener answers 0xA700)."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"score queue holds {depth} slices")
+        self.depth = depth
+
+
+@dataclass(frozen=True)
+class SliceMeta:
+    """What the worker needs besides the pixels. No patient name, ID or birth date (DESIGN §3)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    instance_number: int | None = None
+    slice_position: float | None = None  # z of ImagePositionPatient, mm
+    accession_number: str = ""
+    calling_ae: str = ""
+    received_at: float = field(default_factory=time.time)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # per receipt; also task id
+
+
+def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
+    """A Redis client that fails fast (the sender is waiting) but retries a stale connection
+    once or twice, so a Redis restart costs the next request a reconnect, not an error."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=min(timeout_s, 2.0),
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+# KEYS: queue list, slice key.  ARGV: max depth, slice bytes, ttl seconds, message.
+_ENQUEUE_LUA = """
+local depth = redis.call('LLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then
+  return -1 - depth
+end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3]))
+return redis.call('LPUSH', KEYS[1], ARGV[4])
+"""
+
+_celery = Celery("ich-producer", set_as_current=False)
+
+
+def task_message(meta: SliceMeta, queue: str = keys.SCORE_QUEUE) -> bytes:
+    """The kombu Redis-transport envelope of a Celery task `SCORE_TASK(**asdict(meta))`."""
+    kwargs = asdict(meta)
+    proto = _celery.amqp.as_task_v2(meta.token, SCORE_TASK, args=(), kwargs=kwargs,
+                                    argsrepr="()", kwargsrepr=f"{{'token': {meta.token!r}}}")
+    content_type, encoding, body = kombu_dumps(proto.body, serializer="json")
+    message = {
+        "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
+        "content-encoding": encoding,
+        "content-type": content_type,
+        "headers": proto.headers,
+        "properties": {
+            **proto.properties,
+            "delivery_mode": 2,
+            "priority": 0,  # kombu's Redis transport: priority 0 is the plain list key
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+            "delivery_info": {"exchange": "", "routing_key": queue},
+        },
+    }
+    return json.dumps(message).encode()
+
+
+class SliceQueue:
+    """Producer side of the score queue (the listener's only Redis I/O)."""
+
+    def __init__(self, client: redis.Redis, max_depth: int, ttl_s: int,
+                 queue: str = keys.SCORE_QUEUE) -> None:
+        self.client = client
+        self.max_depth = max_depth
+        self.ttl_s = ttl_s
+        self.queue = queue
+        self._enqueue = client.register_script(_ENQUEUE_LUA)
+
+    def enqueue(self, data: bytes, meta: SliceMeta) -> int:
+        """Store the bytes and the task atomically; return the new queue depth.
+        Raises QueueFull, or redis.RedisError when Redis cannot take it."""
+        result = self._enqueue(keys=[self.queue, keys.slice_bytes(meta.token)],
+                               args=[self.max_depth, data, self.ttl_s, task_message(meta, self.queue)])
+        if result < 0:
+            raise QueueFull(-1 - result)
+        return result
+
+    def depth(self) -> int:
+        return self.client.llen(self.queue)

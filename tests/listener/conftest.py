@@ -1,0 +1,66 @@
+"""Listener room: the real `python -m dicom_listener` process against a private Redis."""
+from __future__ import annotations
+
+import json
+import base64
+import urllib.request
+
+import pytest
+
+from ich import keys
+from tests.services import ServiceProcess, free_port
+
+AE = "ICHWATCH"
+
+
+class Listener(ServiceProcess):
+    def __init__(self, tmp_path, redis_url: str, **env: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        super().__init__(["-m", "dicom_listener"], {
+            "ICH_REDIS_URL": redis_url, "ICH_DICOM_PORT": str(self.port),
+            "ICH_DICOM_HOST": "127.0.0.1", "ICH_AE_TITLE": AE,
+            "ICH_LISTENER_METRICS_PORT": str(self.metrics_port), "ICH_DICOM_TIMEOUT_S": "10",
+            **env}, tmp_path / f"listener-{self.port}.log")
+
+    def start(self, **kw) -> "Listener":
+        super().start(wait_port=self.port, **kw)
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {'name{labels}': value}, parsed from the exposition text."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
+        out = {}
+        for line in text.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+
+@pytest.fixture
+def listener_factory(tmp_path, redis_url):
+    started: list[Listener] = []
+
+    def make(redis=None, **env) -> Listener:
+        listener = Listener(tmp_path, redis or redis_url, **env).start()
+        started.append(listener)
+        return listener
+
+    yield make
+    for listener in started:
+        listener.stop()
+
+
+@pytest.fixture
+def listener(listener_factory):
+    return listener_factory()
+
+
+def queued_messages(client) -> list[dict]:
+    """Every task message in the score queue, oldest first, as (headers, kwargs)."""
+    out = []
+    for raw in reversed(client.lrange(keys.SCORE_QUEUE, 0, -1)):
+        envelope = json.loads(raw)
+        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        out.append({"headers": envelope["headers"], "kwargs": kwargs, "envelope": envelope})
+    return out
