@@ -1,0 +1,294 @@
+"""The phantom generator: valid DICOM, exact RSNA layout, labels that match the pixels."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
+
+from ich.labels import ANY, LABELS, SUBTYPES
+from training import synthetic
+from training.synthetic import VARIANTS, generate, make_study, to_bytes
+
+SMALL = (8, 12)
+
+
+def hu(ds) -> np.ndarray:
+    """HU written independently of the generator: rescale, the RSNA 12-bit fix, padding -> NaN."""
+    stored = ds.pixel_array
+    values = stored.astype(np.float64)
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    if ds.BitsStored == 12 and ds.PixelRepresentation == 0 and intercept > -100:
+        values += 1000
+        values[values >= 4096] -= 4096
+        intercept = -1000.0
+    values = values * slope + intercept
+    if "PixelPaddingValue" in ds:
+        values[stored == ds.PixelPaddingValue] = np.nan
+    return values
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """17 studies: one whole variant block, so every pixel encoding appears."""
+    out = tmp_path_factory.mktemp("synthetic")
+    summary = generate(out, studies=17, seed=3, slices=SMALL)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def files(dataset):
+    out, _ = dataset
+    return {p.stem: pydicom.dcmread(p) for p in sorted((out / "stage_2_train").glob("*.dcm"))}
+
+
+@pytest.fixture(scope="module")
+def rows(dataset):
+    out, _ = dataset
+    with open(out / "stage_2_train.csv", newline="") as f:
+        return list(csv.reader(f))
+
+
+def by_study(files):
+    studies = defaultdict(list)
+    for ds in files.values():
+        studies[ds.StudyInstanceUID].append(ds)
+    return studies
+
+
+def tree_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_files_are_ct_image_storage_in_explicit_vr_little_endian(files):
+    assert len(files) >= 17 * SMALL[0]
+    for image_id, ds in files.items():
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert ds.SOPClassUID == CTImageStorage == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.Modality == "CT"
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+        assert ds.PhotometricInterpretation == "MONOCHROME2"
+        assert list(ds.WindowCenter) == [40, 40] and list(ds.WindowWidth) == [80, 80]
+        assert re.fullmatch(r"ID_[0-9a-f]{9}", image_id)
+
+
+def test_dcmtk_dcmdump_parses_every_file(dataset):
+    dcmdump = shutil.which("dcmdump")
+    if dcmdump is None:
+        pytest.skip("DCMTK dcmdump not installed (apt-get install dcmtk)")
+    paths = sorted(str(p) for p in (dataset[0] / "stage_2_train").glob("*.dcm"))
+    result = subprocess.run([dcmdump, "-M", *paths], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not re.search(r"^[EFW]: ", result.stderr + result.stdout, re.M), result.stderr
+    assert result.stdout.count("# Dicom-File-Format") == len(paths)
+
+
+def test_csv_is_rsna_layout_with_a_file_per_image(rows, files):
+    assert rows[0] == ["ID", "Label"]
+    body = rows[1:]
+    assert len(body) == 6 * len(files)
+    ids = []
+    for start in range(0, len(body), 6):
+        group = body[start:start + 6]
+        image_id = group[0][0].rsplit("_", 1)[0]
+        assert [r[0] for r in group] == [f"{image_id}_{label}" for label in LABELS]
+        assert all(r[1] in ("0", "1") for r in group)
+        ids.append(image_id)
+    assert len(set(ids)) == len(ids)
+    assert set(ids) == set(files)
+
+
+def test_any_is_the_or_of_subtypes_and_both_classes_occur(rows):
+    labels = [[int(r[1]) for r in rows[1 + i:7 + i]] for i in range(0, len(rows) - 1, 6)]
+    assert all(v[5] == max(v[:5]) for v in labels)
+    assert 0 < sum(v[5] for v in labels) < len(labels)
+
+
+STUDIES = [  # (index, variant, forced subtypes): every subtype in several encodings
+    (0, "rsna12bit", ("epidural", "subdural")),
+    (1, "small256", ("intraventricular", "subarachnoid")),
+    (2, "padded", ("intraparenchymal",)),
+    (3, "default", ("intraventricular",)),
+    (4, "slope", ("subarachnoid", "epidural")),
+]
+
+
+@pytest.mark.parametrize("index,variant,subtypes", STUDIES)
+def test_labels_agree_with_where_bleeds_were_drawn(index, variant, subtypes):
+    bloody = make_study(7, index, slices=SMALL, variant=variant, subtypes=subtypes)
+    clean = make_study(7, index, slices=SMALL, variant=variant, subtypes=subtypes, bleeds=False)
+    minimum = np.ceil(synthetic.MIN_BLEED_PIXELS_512 * (bloody[0].dataset.Rows / 512) ** 2)
+    per_subtype = defaultdict(list)
+    for b, c in zip(bloody, clean, strict=True):
+        assert b.image_id == c.image_id and b.dataset.SOPInstanceUID == c.dataset.SOPInstanceUID
+        assert not any(c.labels.values()) and not c.bleed_mask.any()
+        assert b.labels[ANY] == max(b.labels[s] for s in SUBTYPES)
+        if not b.labels[ANY]:
+            assert to_bytes(b.dataset) == to_bytes(c.dataset)
+            assert not b.bleed_mask.any()
+            continue
+        changed = b.dataset.pixel_array != c.dataset.pixel_array
+        assert np.array_equal(changed, b.bleed_mask)
+        for s in SUBTYPES:
+            assert b.labels[s] == int(b.bleed_pixels.get(s, 0) >= minimum)
+            per_subtype[s].append(b.labels[s])
+        blood = hu(b.dataset)[b.bleed_mask]
+        assert 50 <= blood.min() and blood.max() <= 90, "bleeds are 50-90 HU, never under bone"
+    positive = {s for s, v in per_subtype.items() if any(v)}
+    assert positive == set(subtypes)
+    for s in subtypes:                      # one contiguous z-run of at least two slices
+        run = "".join(map(str, per_subtype[s])).strip("0")
+        assert len(run) >= 2 and "0" not in run
+
+
+def test_bleed_free_render_is_identical_for_negative_studies():
+    a = make_study(11, 5, slices=SMALL, subtypes=())
+    b = make_study(11, 5, slices=SMALL, subtypes=(), bleeds=False)
+    assert [to_bytes(x.dataset) for x in a] == [to_bytes(x.dataset) for x in b]
+    assert not any(x.labels[ANY] for x in a)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hu_is_plausible_in_every_variant(variant):
+    study = make_study(5, 2, slices=SMALL, variant=variant, subtypes=())
+    assert {x.dataset.SeriesDescription for x in study} == {f"PHANTOM {variant}"}
+    middle = hu(study[len(study) // 2].dataset)
+    inside = middle[~np.isnan(middle)]
+    assert 700 <= np.nanmax(middle) <= 1500, "skull"
+    assert ((inside >= 700) & (inside <= 1500)).sum() > 500
+    assert -1030 <= np.median(inside[inside < -500]) <= -970, "air"
+    soft = inside[(inside > -100) & (inside < 100)]
+    assert 20 <= np.median(soft) <= 45, "brain"
+    assert (soft < 15).sum() > 200, "CSF: ventricles, sulci"
+
+
+def test_variants_encode_the_same_hu():
+    """Every 512² encoding decodes to the default one's HU (padding and 12-bit clip aside)."""
+    reference = [hu(x.dataset) for x in make_study(9, 4, slices=SMALL, variant="default")]
+    for variant in ("uint16", "slope", "padded", "rsna12bit"):
+        for ref, x in zip(reference, make_study(9, 4, slices=SMALL, variant=variant), strict=True):
+            got = hu(x.dataset)
+            keep = ~np.isnan(got)
+            expected = np.maximum(ref, -1000) if variant == "rsna12bit" else ref
+            assert np.array_equal(got[keep], expected[keep]), variant
+
+
+def test_every_variant_appears_with_its_encoding(files):
+    seen = {}
+    for ds in files.values():
+        seen.setdefault(ds.SeriesDescription.split()[-1], ds)
+    assert set(seen) == set(VARIANTS)
+    expect = {  # Rows, BitsStored, PixelRepresentation, RescaleSlope, RescaleIntercept
+        "default": (512, 16, 1, 1, -1024), "uint16": (512, 16, 0, 1, -1024),
+        "small256": (256, 16, 1, 1, -1024), "slope": (512, 16, 1, 0.5, -1024),
+        "padded": (512, 16, 1, 1, -1024), "rsna12bit": (512, 12, 0, 1, 0),
+    }
+    for variant, ds in seen.items():
+        got = (ds.Rows, ds.BitsStored, ds.PixelRepresentation, float(ds.RescaleSlope),
+               float(ds.RescaleIntercept))
+        assert got == expect[variant], variant
+        assert ds.HighBit == ds.BitsStored - 1 and ds.BitsAllocated == 16
+        assert float(ds.PixelSpacing[0]) * ds.Rows == pytest.approx(230.4)
+        assert ("PixelPaddingValue" in ds) == (variant == "padded")
+    padded = seen["padded"].pixel_array
+    assert padded[0, 0] == seen["padded"].PixelPaddingValue == -2000
+    raw = seen["rsna12bit"].pixel_array
+    assert raw.max() < 4096 and raw[0, 0] > 3000, "air wraps to ~3096 without the RSNA fix"
+
+
+def test_identifiers_are_consistent_within_and_distinct_between_studies(files):
+    studies = by_study(files)
+    assert len(studies) == 17
+    sop = [ds.SOPInstanceUID for ds in files.values()]
+    assert len(set(sop)) == len(sop)
+    per_study = set()
+    for slices in studies.values():
+        keys = {(ds.SeriesInstanceUID, ds.FrameOfReferenceUID, str(ds.PatientName), ds.PatientID,
+                 ds.PatientBirthDate, ds.AccessionNumber, ds.StudyDate) for ds in slices}
+        assert len(keys) == 1
+        (key,) = keys
+        per_study.add(key)
+        series, frame, name, pid, birth, accession, _ = key
+        assert all(UID(u).is_valid for u in (series, frame, slices[0].StudyInstanceUID))
+        assert re.fullmatch(r"PHANTOM\^[0-9A-F]{6}", name)
+        assert re.fullmatch(r"PID\d{8}", pid) and re.fullmatch(r"(19|20)\d{6}", birth)
+        assert re.fullmatch(r"ACC\d{7}", accession)
+    assert len({k[0] for k in per_study}) == len({k[2] for k in per_study}) == 17
+
+
+def test_positions_ascend_with_instance_number(files):
+    for slices in by_study(files).values():
+        slices = sorted(slices, key=lambda ds: ds.InstanceNumber)
+        assert [ds.InstanceNumber for ds in slices] == list(range(1, len(slices) + 1))
+        assert SMALL[0] <= len(slices) <= SMALL[1]
+        z = np.array([float(ds.ImagePositionPatient[2]) for ds in slices])
+        assert np.allclose(np.diff(z), synthetic.SLICE_SPACING_MM)
+        assert all(list(map(float, ds.ImageOrientationPatient)) == [1, 0, 0, 0, 1, 0]
+                   for ds in slices)
+
+
+def test_same_arguments_give_identical_bytes_whatever_the_workers(tmp_path):
+    one = generate(tmp_path / "a", studies=3, seed=21, slices=(4, 6), workers=1)
+    two = generate(tmp_path / "b", studies=3, seed=21, slices=(4, 6), workers=2)
+    assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
+    assert one["labels"] == two["labels"] and one["slices"] == two["slices"]
+    generate(tmp_path / "c", studies=3, seed=22, slices=(4, 6))
+    assert tree_hash(tmp_path / "a") != tree_hash(tmp_path / "c")
+    ids = lambda d: {p.name for p in (tmp_path / d / "stage_2_train").iterdir()}  # noqa: E731
+    assert not ids("a") & ids("c")
+
+
+def test_slice_prevalence_lands_near_the_target():
+    slices = positive = 0
+    for index in range(40):
+        study = make_study(13, index, slices=(6, 8))
+        slices += len(study)
+        positive += sum(x.labels[ANY] for x in study)
+    assert abs(positive / slices - 0.14) <= 0.06
+    assert not any(x.labels[ANY] for i in range(5) for x in make_study(13, i, 0.0, (6, 8)))
+
+
+def test_summary_counts_match_the_csv(dataset, rows):
+    _, summary = dataset
+    assert summary["studies"] == 17 and summary["slices"] == (len(rows) - 1) // 6
+    for label in LABELS:
+        assert summary["labels"][label] == sum(
+            r[1] == "1" for r in rows[1:] if r[0].endswith(f"_{label}"))
+    assert summary["positive_slices"] == summary["labels"][ANY]
+    assert sum(summary["variants"].values()) == 17
+
+
+def test_to_bytes_is_a_part10_file_that_round_trips():
+    sl = make_study(1, 0, slices=(2, 3))[0]
+    data = to_bytes(sl.dataset)
+    assert data[128:132] == b"DICM"
+    back = pydicom.dcmread(io.BytesIO(data))
+    assert back.SOPInstanceUID == sl.dataset.SOPInstanceUID
+    assert np.array_equal(back.pixel_array, sl.dataset.pixel_array)
+
+
+def test_cli_writes_a_dataset_and_refuses_to_mix_into_one(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--studies", "2", "--seed", "4", "--slices", "3", "4",
+            "--workers", "1"]
+    assert synthetic.main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"synthetic: 2 studies, \d+ slices, positive slice fraction [\d.]+, "
+                        r"[\d.]+ slices/s -> .+", line)
+    assert (tmp_path / "stage_2_train.csv").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(argv)
+    assert exit_info.value.code == 2
+    assert synthetic.main([*argv, "--overwrite"]) == 0

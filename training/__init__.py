@@ -1,0 +1,1 @@
+"""Training: RSNA-layout data (real or synthetic phantoms), model fitting, evaluation, artifacts."""
