@@ -10,7 +10,7 @@ EXTRAS := $(TF),dev
 STAMP  := $(VENV)/.installed-$(TF)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test run bench clean
+.PHONY: install system-deps test run bench docs clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ run: install system-deps
 bench: install system-deps
 	$(BIN)/python bench/bench_imaging.py
 	$(BIN)/python bench/bench_synthetic.py
+
+docs: install
+	$(BIN)/python scripts/update-readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

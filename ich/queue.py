@@ -77,11 +77,16 @@ return redis.call('LPUSH', KEYS[1], ARGV[4])
 _celery = Celery("ich-producer", set_as_current=False)
 
 
-def task_message(meta: SliceMeta, queue: str = keys.SCORE_QUEUE) -> bytes:
-    """The kombu Redis-transport envelope of a Celery task `SCORE_TASK(**asdict(meta))`."""
-    kwargs = asdict(meta)
-    proto = _celery.amqp.as_task_v2(meta.token, SCORE_TASK, args=(), kwargs=kwargs,
-                                    argsrepr="()", kwargsrepr=f"{{'token': {meta.token!r}}}")
+def task_message(task: str, queue: str, task_id: str, args: tuple = (),
+                 kwargs: dict | None = None, kwargsrepr: str | None = None) -> bytes:
+    """The kombu Redis-transport envelope of a Celery task call, ready to LPUSH on `queue`.
+
+    Built here so that it can be pushed inside a Redis transaction or script together with the
+    state it belongs to (slice bytes, an alert marker): publishing and recording never split.
+    """
+    proto = _celery.amqp.as_task_v2(task_id, task, args=args, kwargs=kwargs or {},
+                                    argsrepr="(...)" if args else "()",
+                                    kwargsrepr=kwargsrepr or "{...}")
     content_type, encoding, body = kombu_dumps(proto.body, serializer="json")
     message = {
         "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
@@ -100,6 +105,12 @@ def task_message(meta: SliceMeta, queue: str = keys.SCORE_QUEUE) -> bytes:
     return json.dumps(message).encode()
 
 
+def score_message(meta: SliceMeta, queue: str = keys.SCORE_QUEUE) -> bytes:
+    """The score request of one slice; the task id is the receipt token (kept on redelivery)."""
+    return task_message(SCORE_TASK, queue, meta.token, kwargs=asdict(meta),
+                        kwargsrepr=f"{{'token': {meta.token!r}}}")  # no UIDs in worker logs
+
+
 class SliceQueue:
     """Producer side of the score queue (the listener's only Redis I/O)."""
 
@@ -115,7 +126,7 @@ class SliceQueue:
         """Store the bytes and the task atomically; return the new queue depth.
         Raises QueueFull, or redis.RedisError when Redis cannot take it."""
         result = self._enqueue(keys=[self.queue, keys.slice_bytes(meta.token)],
-                               args=[self.max_depth, data, self.ttl_s, task_message(meta, self.queue)])
+                               args=[self.max_depth, data, self.ttl_s, score_message(meta, self.queue)])
         if result < 0:
             raise QueueFull(-1 - result)
         return result

@@ -143,6 +143,12 @@ class Settings:
         "ICH_WEBHOOK_URLS", "", _url_list, "comma list of alert consumer URLs")
     webhook_secret: str = _setting(
         "ICH_WEBHOOK_SECRET", "", str, "HMAC-SHA256 key for X-ICH-Signature", secret=True)
+    webhook_max_attempts: int = _setting(
+        "ICH_WEBHOOK_MAX_ATTEMPTS", "8", _int_range(1, 50),
+        "delivery attempts per consumer before the alert is dead-lettered")
+    webhook_backoff_s: float = _setting(
+        "ICH_WEBHOOK_BACKOFF_S", "1", _positive_float,
+        "first retry delay; doubles per attempt (with jitter), capped at 30 s")
     study_quiet_s: float = _setting(
         "ICH_STUDY_QUIET_S", "10", _positive_float, "quiet time before a study summary")
     listener_metrics_port: int = _setting(

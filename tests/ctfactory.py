@@ -68,3 +68,13 @@ def dcmtk_convert(tool: str, args: list[str], ds: Dataset, tmp: Path) -> Dataset
     src.write_bytes(to_bytes(ds))
     subprocess.run([tool, *args, str(src), str(dst)], check=True, capture_output=True)
     return pydicom.dcmread(dst)
+
+
+def lesion_hu(size: int = 64, seed: int = 0, bleed: bool = True) -> np.ndarray:
+    """`head_hu` plus, when `bleed`, a large 70 HU lesion (~6 % of the image): the tiny
+    `blood_detector` model of tests/modelfactory.py scores it positive, the plain head not."""
+    hu = head_hu(size, seed)
+    if bleed:
+        y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+        hu[(x + 0.25) ** 2 + (y - 0.1) ** 2 < 0.3 ** 2] = 70
+    return hu

@@ -117,4 +117,4 @@ def test_redis_keys_are_namespaced_and_distinct():
 def test_readme_configuration_table_is_current():
     from ich.settings import markdown_table
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate: python -m ich.settings --markdown"
+    assert markdown_table() in readme, "regenerate: make docs"

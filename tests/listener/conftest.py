@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import base64
-import urllib.request
 
 import pytest
 
 from ich import keys
-from tests.services import ServiceProcess, free_port
+from tests.services import ServiceProcess, free_port, metrics_text
 
 AE = "ICHWATCH"
 
@@ -27,14 +26,7 @@ class Listener(ServiceProcess):
         return self
 
     def metrics(self) -> dict[str, float]:
-        """/metrics as {'name{labels}': value}, parsed from the exposition text."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
-        out = {}
-        for line in text.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return metrics_text(self.metrics_port)
 
 
 @pytest.fixture

@@ -1,0 +1,130 @@
+"""The scoring hot path: one batch of queued slices → probabilities → study state and alerts.
+
+`Scorer` is built once per worker process (the model load is the expensive part) and has three
+steps, each testable alone: `pre_process` (one MGET for the batch's bytes, decode and window in
+parallel threads: a bad slice fails alone), `predict` (one compiled forward pass per batch) and
+`post_process` (thresholds, study state, first-positive alerts).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from ich import imaging, keys
+from ich.labels import ANY, LABELS
+from ich.model import load_artifact
+from ich.queue import SliceMeta
+from ich.settings import Settings
+from worker import metrics
+from worker.study import SliceResult, StudyStore
+
+log = logging.getLogger("worker.scoring")
+_META_FIELDS = {f.name for f in fields(SliceMeta)}
+
+
+def meta_from_kwargs(kwargs: dict) -> SliceMeta:
+    """Task kwargs → SliceMeta, ignoring fields a newer listener may add."""
+    return SliceMeta(**{k: v for k, v in kwargs.items() if k in _META_FIELDS})
+
+
+class Scorer:
+    def __init__(self, settings: Settings, client: redis.Redis, model_dir: Path | None = None) -> None:
+        import tensorflow as tf
+
+        _gpu_memory_growth(tf)
+        self.model, self.card = load_artifact(model_dir or settings.model_dir)
+        self.version = self.card.version
+        self.size = int(self.card.input_size)
+        self.thresholds = settings.thresholds(self.card.thresholds)
+        self.client = client
+        self.studies = StudyStore(client, settings.result_ttl_s)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        # One trace for every batch size: the batch dimension is left open in the signature.
+        model = self.model
+        self._forward = tf.function(
+            lambda x: model(x, training=False), reduce_retracing=True,
+            input_signature=[tf.TensorSpec((None, self.size, self.size, 3), tf.float32)])
+        self._forward(tf.zeros((1, self.size, self.size, 3)))  # compile now, not on a patient
+        metrics.model_info.labels(self.version).set(1)
+        log.info("model %s loaded (%s, %dx%d), thresholds %s", self.version, self.card.engine,
+                 self.size, self.size, self.thresholds)
+
+    # --- the three steps -------------------------------------------------------------------
+
+    def pre_process(self, metas: list[SliceMeta]) -> tuple[np.ndarray, list[SliceMeta], list[SliceResult]]:
+        """Fetch and decode. Returns (images, their metas, failed results)."""
+        blobs = self.client.mget([keys.slice_bytes(m.token) for m in metas])
+        decoded = list(self._pool.map(self._decode, blobs))
+        images, ok, failed = [], [], []
+        for meta, (image, reason) in zip(metas, decoded):
+            if image is None:
+                failed.append(SliceResult(meta, error=reason, scored_at=time.time()))
+            else:
+                images.append(image)
+                ok.append(meta)
+        array = np.stack(images) if images else np.zeros((0, self.size, self.size, 3), np.float32)
+        return array, ok, failed
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) → (n, 6) probabilities in LABELS order."""
+        if not len(images):
+            return np.zeros((0, len(LABELS)), np.float32)
+        return self._forward(images).numpy()
+
+    def post_process(self, metas: list[SliceMeta], probabilities: np.ndarray,
+                     failed: list[SliceResult]) -> list[SliceResult]:
+        """Record every result, then raise the first-positive alert of each study once."""
+        now = time.time()
+        results = [SliceResult(m, dict(zip(LABELS, map(float, p))), scored_at=now)
+                   for m, p in zip(metas, probabilities)]
+        self.studies.record(results + failed, self.thresholds, self.version)
+        for r in failed:
+            metrics.slices_failed.labels(r.error).inc()
+            log.warning("slice %s of study %s failed: %s", r.meta.sop_instance_uid,
+                        r.meta.study_instance_uid, r.error)
+        metrics.slices_scored.inc(len(results))
+        for r in results:
+            metrics.end_to_end.observe(now - r.meta.received_at)
+        return [r for r in results if r.positive(self.thresholds)[ANY]]
+
+    # --- one batch ---------------------------------------------------------------------------
+
+    def score(self, metas: list[SliceMeta]) -> list[SliceResult]:
+        """Score a batch; returns the first positive slice of each study in it (the caller
+        raises first_positive alerts, which StudyStore makes happen once per study)."""
+        started = time.time()
+        for m in metas:
+            metrics.queue_wait.observe(max(0.0, started - m.received_at))
+        images, ok, failed = self.pre_process(metas)
+        metrics.preprocess.observe(time.time() - started)
+        metrics.batch_size.observe(len(ok))
+        t = time.perf_counter()
+        probabilities = self.predict(images)
+        metrics.inference.observe(time.perf_counter() - t)
+        first: dict[str, SliceResult] = {}
+        for r in self.post_process(ok, probabilities, failed):
+            first.setdefault(r.meta.study_instance_uid, r)
+        return list(first.values())
+
+    def _decode(self, blob: bytes | None) -> tuple[np.ndarray | None, str]:
+        if blob is None:
+            return None, "expired"  # bytes outlived ICH_SLICE_TTL_S before scoring
+        try:
+            return imaging.load_slice(blob, self.size), ""
+        except imaging.SliceError as exc:
+            return None, exc.reason
+
+
+def _gpu_memory_growth(tf) -> None:
+    """Take GPU memory as needed, not all at start: several processes can share a card."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            pass

@@ -1,0 +1,170 @@
+"""Per-study state in Redis and the alerts built from it (DESIGN §1, §3, §4).
+
+A study is two hashes with a TTL: `study_state` (series, accession, calling AE, first receipt,
+model version, thresholds) and `study_results` (one JSON result per SOP Instance UID, so a
+redelivered slice overwrites itself instead of counting twice), plus its place in the
+`ACTIVE_STUDIES` sorted set, scored by last activity, from which quiet studies are claimed
+for their summary. Alert markers (`SET NX`) make every (study, model version, kind) alert
+happen once, however often a slice is redelivered.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ich import keys
+from ich.labels import ANY, LABELS
+from ich.queue import SliceMeta
+
+FIRST_POSITIVE = "first_positive"
+STUDY_SUMMARY = "study_summary"
+_ALERT_NAMESPACE = uuid.UUID("6f1b8c2e-4a7d-5e3f-9b21-0c8d7e6a5f43")
+
+
+# KEYS: alert marker, alerts queue, active studies.  ARGV: ttl, study uid, quiet cutoff
+# (-1 = none), delivery messages...
+_PUBLISH_ONCE_LUA = """
+local cutoff = tonumber(ARGV[3])
+if cutoff >= 0 then
+  local last = redis.call('ZSCORE', KEYS[3], ARGV[2])
+  if last and tonumber(last) > cutoff then return 0 end
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+for i = 4, #ARGV do redis.call('LPUSH', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+
+@dataclass
+class SliceResult:
+    """One slice's outcome: probabilities in LABELS order, or the reason it failed."""
+
+    meta: SliceMeta
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+    scored_at: float = 0.0
+
+    def positive(self, thresholds: dict[str, float]) -> dict[str, bool]:
+        p = self.probabilities or {}
+        return {label: p.get(label, 0.0) >= thresholds[label] for label in LABELS}
+
+    def to_json(self, thresholds: dict[str, float], model_version: str) -> str:
+        m = self.meta
+        record: dict[str, Any] = {
+            "sop_instance_uid": m.sop_instance_uid, "series_instance_uid": m.series_instance_uid,
+            "instance_number": m.instance_number, "slice_position": m.slice_position,
+            "received_at": m.received_at, "scored_at": self.scored_at,
+            "model_version": model_version,
+        }
+        if self.error:
+            record["error"] = self.error
+        else:
+            record["probabilities"] = self.probabilities
+            record["positive"] = self.positive(thresholds)
+        return json.dumps(record)
+
+
+class StudyStore:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self._script = None
+
+    def record(self, results: list[SliceResult], thresholds: dict[str, float],
+               model_version: str) -> None:
+        """Store a batch of results and drop their slice bytes, in one round trip."""
+        now = time.time()
+        pipe = self.client.pipeline(transaction=True)
+        for r in results:
+            m = r.meta
+            state = keys.study_state(m.study_instance_uid)
+            pipe.hset(keys.study_results(m.study_instance_uid), m.sop_instance_uid,
+                      r.to_json(thresholds, model_version))
+            for name, value in (("series_instance_uid", m.series_instance_uid),
+                                ("accession_number", m.accession_number),
+                                ("calling_ae", m.calling_ae),
+                                ("first_received_at", m.received_at)):
+                pipe.hsetnx(state, name, value)
+            pipe.hset(state, mapping={"model_version": model_version,
+                                      "thresholds": json.dumps(thresholds)})
+            pipe.expire(state, self.ttl_s)
+            pipe.expire(keys.study_results(m.study_instance_uid), self.ttl_s)
+            pipe.zadd(keys.ACTIVE_STUDIES, {m.study_instance_uid: now})
+            pipe.delete(keys.slice_bytes(m.token))
+        pipe.execute()
+
+    def publish_once(self, alert: dict[str, Any], messages: list[bytes],
+                     quiet_before: float | None = None) -> bool:
+        """Claim the alert's (study, model version, kind) and push its delivery tasks in one
+        atomic script: exactly once, and never claimed-but-unsent if a process dies.
+
+        With `quiet_before`, the study must also still be quiet (no slice scored since that
+        time) and leaves ACTIVE_STUDIES: a summary is never sent for a study still arriving."""
+        marker = keys.alert_sent(alert["study_instance_uid"], alert["model_version"], alert["kind"])
+        return bool(self._publish_once(
+            keys=[marker, keys.ALERTS_QUEUE, keys.ACTIVE_STUDIES],
+            args=[self.ttl_s, alert["study_instance_uid"],
+                  -1 if quiet_before is None else quiet_before, *messages]))
+
+    def alerted(self, study_uid: str, model_version: str, kind: str) -> bool:
+        return bool(self.client.exists(keys.alert_sent(study_uid, model_version, kind)))
+
+    def quiet_studies(self, quiet_s: float, now: float | None = None) -> list[str]:
+        """Studies with no slice scored for `quiet_s` seconds, due for their summary."""
+        cutoff = (now or time.time()) - quiet_s
+        return [uid.decode() for uid in self.client.zrangebyscore(keys.ACTIVE_STUDIES, "-inf", cutoff)]
+
+    @property
+    def _publish_once(self):
+        if self._script is None:
+            self._script = self.client.register_script(_PUBLISH_ONCE_LUA)
+        return self._script
+
+    def results(self, study_uid: str) -> list[dict[str, Any]]:
+        raw = self.client.hvals(keys.study_results(study_uid))
+        records = [json.loads(v) for v in raw]
+        return sorted(records, key=lambda r: (r.get("instance_number") or 0, r["sop_instance_uid"]))
+
+    def state(self, study_uid: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(keys.study_state(study_uid)).items()}
+
+    def build_alert(self, kind: str, study_uid: str, received_at: float | None = None) -> dict[str, Any]:
+        """The alert JSON of DESIGN §3 from what Redis holds now. No patient name, ID or
+        birth date is ever stored, so none can appear here."""
+        state = self.state(study_uid)
+        thresholds = json.loads(state["thresholds"])
+        records = self.results(study_uid)
+        scored = [r for r in records if "probabilities" in r]
+        probabilities = {label: max((r["probabilities"][label] for r in scored), default=0.0)
+                         for label in LABELS}
+        positive_slices = [
+            {"sop_instance_uid": r["sop_instance_uid"], "instance_number": r["instance_number"],
+             "probabilities": r["probabilities"]}
+            for r in scored if r["positive"][ANY]]
+        model_version = state["model_version"]
+        received = received_at if received_at is not None else float(state["first_received_at"])
+        alerted_at = time.time()
+        return {
+            "alert_id": str(uuid.uuid5(_ALERT_NAMESPACE, f"{study_uid}/{model_version}/{kind}")),
+            "kind": kind,
+            "study_instance_uid": study_uid,
+            "series_instance_uid": state.get("series_instance_uid", ""),
+            "accession_number": state.get("accession_number", ""),
+            "calling_ae": state.get("calling_ae", ""),
+            "model_version": model_version,
+            "probabilities": probabilities,
+            "thresholds": thresholds,
+            "positive": {label: probabilities[label] >= thresholds[label] for label in LABELS},
+            "positive_slices": positive_slices,
+            "slices_scored": len(scored),
+            "slices_failed": len(records) - len(scored),
+            "received_at": received,
+            "alerted_at": alerted_at,
+            "latency_seconds": round(alerted_at - received, 6),
+        }

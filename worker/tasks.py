@@ -1,0 +1,163 @@
+"""Celery tasks: batch scoring, webhook delivery, and the study-summary sweeper.
+
+celery-batches trap (DESIGN §4): the whole batch is acknowledged when `score` returns and also
+when it raises, so nothing may escape it unhandled. A batch whose forward pass fails is re-sent
+with the same task ids (bounded attempts) before returning; a slice that cannot be decoded is
+recorded as failed on its own.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import requests
+from celery import signals
+from celery_batches import Batches
+from prometheus_client import start_http_server
+
+from ich import keys
+from ich.queue import SCORE_TASK, connect, task_message
+from worker import alerts, metrics
+from worker.app import app, consumed_queues, settings
+from worker.scoring import Scorer, meta_from_kwargs
+from worker.study import FIRST_POSITIVE, STUDY_SUMMARY, StudyStore
+
+log = logging.getLogger("worker")
+DELIVER_TASK = "ich.deliver_alert"
+MAX_SCORE_ATTEMPTS = 3
+SWEEP_INTERVAL_S = 0.5
+
+redis_client = connect(settings.redis_url)
+studies = StudyStore(redis_client, settings.result_ttl_s)
+_scorer: Scorer | None = None
+_scorer_lock = threading.Lock()
+
+
+def scorer() -> Scorer:
+    """The model, loaded once per process, on first use or at worker start-up."""
+    global _scorer
+    with _scorer_lock:
+        if _scorer is None:
+            _scorer = Scorer(settings, redis_client)
+        return _scorer
+
+
+@app.task(base=Batches, name=SCORE_TASK, queue=keys.SCORE_QUEUE, acks_late=True,
+          flush_every=settings.batch_max, flush_interval=settings.batch_window_ms / 1000)
+def score(requests_: list) -> None:
+    try:
+        positives = scorer().score([meta_from_kwargs(r.kwargs) for r in requests_])
+    except Exception:
+        log.exception("batch of %d failed; re-sending it", len(requests_))
+        _resend(requests_)
+        return
+    for result in positives:
+        if studies.alerted(result.meta.study_instance_uid, scorer().version, FIRST_POSITIVE):
+            continue  # the common case once a study has alerted: skip building the alert
+        alert = studies.build_alert(FIRST_POSITIVE, result.meta.study_instance_uid,
+                                    received_at=result.meta.received_at)
+        raise_alert(alert)
+
+
+def _resend(requests_: list) -> None:
+    """Put an unscored batch back (same task ids) unless it has failed too often; the slice
+    bytes stay in Redis until scored, so nothing is lost by a transient failure."""
+    for r in requests_:
+        attempt = int((r.request_dict or {}).get("retries") or 0) + 1
+        if attempt >= MAX_SCORE_ATTEMPTS:
+            metrics.slices_failed.labels("inference_error").inc()
+            log.error("slice %s dropped after %d failed attempts", r.kwargs.get("sop_instance_uid"), attempt)
+            continue
+        app.send_task(SCORE_TASK, kwargs=r.kwargs, task_id=r.id, queue=keys.SCORE_QUEUE,
+                      retries=attempt, countdown=attempt)
+
+
+def raise_alert(alert: dict, quiet_before: float | None = None) -> bool:
+    """Publish an alert to every consumer exactly once; log it (without patient data)."""
+    messages = [task_message(DELIVER_TASK, keys.ALERTS_QUEUE, str(uuid.uuid4()), args=(alert, url))
+                for url in settings.webhook_urls]
+    if not studies.publish_once(alert, messages, quiet_before=quiet_before):
+        return False
+    metrics.alerts.labels(alert["kind"]).inc()
+    positive = [label for label, p in alert["positive"].items() if p]
+    log.info("ALERT %s study %s (accession %s): positive %s, %d slices scored, %d consumer(s)",
+             alert["kind"], alert["study_instance_uid"], alert["accession_number"] or "-",
+             ",".join(positive) or "none", alert["slices_scored"], len(messages))
+    return True
+
+
+_session = requests.Session()
+
+
+@app.task(name=DELIVER_TASK, queue=keys.ALERTS_QUEUE, bind=True, acks_late=True,
+          max_retries=settings.webhook_max_attempts - 1)
+def deliver_alert(self, alert: dict, url: str) -> None:
+    outcome = alerts.post(_session, url, alert, settings.webhook_secret)
+    if outcome.delivered:
+        metrics.deliveries.labels("delivered").inc()
+        if alert["kind"] == FIRST_POSITIVE:
+            metrics.time_to_alert.observe(time.time() - alert["received_at"])
+        return
+    attempt = self.request.retries + 1
+    if outcome.retry and attempt < settings.webhook_max_attempts:
+        metrics.deliveries.labels("retry").inc()
+        delay = outcome.retry_after or alerts.backoff(self.request.retries, settings.webhook_backoff_s)
+        log.warning("alert %s to consumer %d: %s, retry %d in %.1f s", alert["alert_id"],
+                    _consumer_index(url), outcome.detail, attempt, delay)
+        raise self.retry(countdown=delay)
+    metrics.deliveries.labels("dead_letter").inc()
+    log.error("alert %s to consumer %d dead-lettered after %d attempt(s): %s", alert["alert_id"],
+              _consumer_index(url), attempt, outcome.detail)
+    redis_client.lpush(keys.DEAD_LETTERS, alerts.encode({
+        "alert": alert, "url_index": _consumer_index(url), "attempts": attempt,
+        "last_error": outcome.detail, "dead_at": time.time()}))
+
+
+def _consumer_index(url: str) -> int:
+    """Consumers are named by position in ICH_WEBHOOK_URLS: URLs may carry tokens."""
+    return settings.webhook_urls.index(url) if url in settings.webhook_urls else -1
+
+
+def sweep_once(now: float | None = None) -> int:
+    """Send the summary of every study quiet for ICH_STUDY_QUIET_S; returns how many."""
+    now = now or time.time()
+    sent = 0
+    for study_uid in studies.quiet_studies(settings.study_quiet_s, now):
+        alert = studies.build_alert(STUDY_SUMMARY, study_uid)
+        sent += raise_alert(alert, quiet_before=now - settings.study_quiet_s)
+    return sent
+
+
+def _sweep_forever(stop: threading.Event) -> None:
+    while not stop.wait(SWEEP_INTERVAL_S):
+        try:
+            sweep_once()
+        except Exception:  # Redis down: keep the thread, try again next tick
+            log.exception("summary sweep failed")
+
+
+_stop_sweeper = threading.Event()
+
+
+@signals.worker_ready.connect
+def _on_ready(sender=None, **_) -> None:
+    """Start what this worker's queues need: metrics, the model, the summary sweeper."""
+    queues = consumed_queues()
+    scoring, delivering = keys.SCORE_QUEUE in queues, keys.ALERTS_QUEUE in queues
+    port = settings.worker_metrics_port if scoring else settings.alerts_metrics_port
+    if port:
+        start_http_server(port)
+        log.info("metrics on :%d/metrics", port)
+    metrics.watch_queue_depth(lambda: redis_client.llen(keys.SCORE_QUEUE))
+    if scoring:
+        scorer()
+    if delivering:
+        threading.Thread(target=_sweep_forever, args=(_stop_sweeper,), name="summary-sweeper",
+                         daemon=True).start()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutdown(**_) -> None:
+    _stop_sweeper.set()
