@@ -1,0 +1,79 @@
+"""The celery-batches trap (DESIGN §4): a batch is acknowledged even when its function fails,
+so a failed forward pass must put the batch back itself (same task ids), not drop it."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import redis
+from celery_batches import SimpleRequest
+from pydicom.uid import generate_uid
+
+from ich import keys
+from ich.queue import SliceMeta, SliceQueue
+from tests.ctfactory import ct_dataset, lesion_hu, to_bytes
+from tests.modelfactory import blood_detector
+
+
+@pytest.fixture(scope="module")
+def tasks(redis_server, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ICH_REDIS_URL", redis_server.url)
+        mp.setenv("ICH_MODEL_DIR", str(blood_detector(tmp_path_factory.mktemp("models"))))
+        import worker.tasks as tasks
+        assert tasks.settings.redis_url == redis_server.url, "worker.app was imported earlier"
+        yield tasks
+
+
+def requests_for(client, n: int, retries: int = 0) -> list[SimpleRequest]:
+    queue = SliceQueue(client, 1000, 600)
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        meta = SliceMeta(study, series, generate_uid(), instance_number=i)
+        queue.enqueue(to_bytes(ct_dataset(lesion_hu(64, seed=i))), meta)
+        out.append(SimpleRequest(meta.token, "ich.score_slice", (), asdict(meta), {}, "test", True,
+                                 None, None, {"retries": retries}))
+    client.delete(keys.SCORE_QUEUE)  # the test plays the consumer: these requests are "taken"
+    return out
+
+
+def requeued(client) -> list[dict]:
+    return [json.loads(m)["headers"] for m in client.lrange(keys.SCORE_QUEUE, 0, -1)]
+
+
+def test_failed_forward_pass_resends_the_batch_with_the_same_ids(tasks, redis_server, monkeypatch):
+    client = redis.Redis.from_url(redis_server.url)
+    batch = requests_for(client, 3)
+
+    def broken(images):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(tasks.scorer(), "predict", broken)
+    tasks.score(batch)  # must not raise: celery-batches would ack the batch either way
+    headers = requeued(client)
+    assert sorted(h["id"] for h in headers) == sorted(r.id for r in batch)
+    assert all(h["retries"] == 1 and h["task"] == "ich.score_slice" for h in headers)
+    assert all(client.exists(keys.slice_bytes(r.id)) for r in batch)  # bytes kept for the retry
+    assert client.hlen(keys.study_results(batch[0].kwargs["study_instance_uid"])) == 0
+
+
+def test_a_batch_that_keeps_failing_is_dropped_and_counted(tasks, redis_server, monkeypatch):
+    from worker import metrics
+
+    client = redis.Redis.from_url(redis_server.url)
+    batch = requests_for(client, 2, retries=tasks.MAX_SCORE_ATTEMPTS - 1)
+    before = metrics.slices_failed.labels("inference_error")._value.get()
+    monkeypatch.setattr(tasks.scorer(), "predict", lambda images: 1 / 0)
+    tasks.score(batch)
+    assert requeued(client) == []
+    assert metrics.slices_failed.labels("inference_error")._value.get() == before + 2
+
+
+def test_the_same_batch_scores_once_the_model_works(tasks, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    batch = requests_for(client, 2)
+    tasks.score(batch)
+    assert client.hlen(keys.study_results(batch[0].kwargs["study_instance_uid"])) == 2
+    assert requeued(client) == []

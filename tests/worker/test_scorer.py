@@ -1,0 +1,87 @@
+"""The scoring hot path step by step, in-process, with the production InceptionV3 at 75×75."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+from pydicom.uid import generate_uid
+
+from ich import keys
+from ich.labels import LABELS
+from ich.queue import SliceMeta, SliceQueue
+from ich.settings import Settings
+from tests.ctfactory import ct_dataset, lesion_hu, to_bytes
+from tests.modelfactory import SIZE, random_inception
+from worker.scoring import Scorer
+
+
+@pytest.fixture(scope="module")
+def inception_dir(tmp_path_factory):
+    return random_inception(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server):
+    """The session's Redis without the per-test flush: studies here have unique UIDs."""
+    return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def scorer(redis_url, inception_dir):
+    settings = Settings.from_env({"ICH_REDIS_URL": redis_url, "ICH_THRESHOLD_EPIDURAL": "0.3"})
+    return Scorer(settings, redis.Redis.from_url(redis_url), inception_dir)
+
+
+def queue_slices(redis_url: str, blobs: list[bytes]) -> list[SliceMeta]:
+    queue = SliceQueue(redis.Redis.from_url(redis_url), 1000, 600)
+    study, series = generate_uid(), generate_uid()
+    metas = [SliceMeta(study, series, generate_uid(), instance_number=i) for i in range(len(blobs))]
+    for blob, meta in zip(blobs, metas):
+        queue.enqueue(blob, meta)
+    return metas
+
+
+def test_model_card_and_thresholds_are_applied(scorer):
+    assert scorer.size == SIZE and scorer.version == "test-inception-1"
+    assert scorer.thresholds["any"] == 0.15 and scorer.thresholds["epidural"] == 0.3
+
+
+def test_pre_process_decodes_good_slices_and_fails_bad_ones_alone(scorer, redis_url):
+    good = [to_bytes(ct_dataset(lesion_hu(64, seed=i))) for i in range(3)]
+    metas = queue_slices(redis_url, [good[0], b"\x00garbage", good[1], good[2]])
+    redis.Redis.from_url(redis_url).delete(keys.slice_bytes(metas[3].token))  # expired bytes
+    images, ok, failed = scorer.pre_process(metas)
+    assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.float32
+    assert [m.instance_number for m in ok] == [0, 2]
+    assert [(f.meta.instance_number, f.error) for f in failed] == [(1, "undecodable"), (3, "expired")]
+
+
+def test_predict_is_one_compiled_function_for_every_batch_size(scorer):
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 8, 5):
+        out = scorer.predict(rng.random((n, SIZE, SIZE, 3), dtype=np.float32))
+        assert out.shape == (n, len(LABELS)) and ((0 <= out) & (out <= 1)).all()
+    assert scorer._forward.experimental_get_tracing_count() == 1
+    # Batched and one-by-one give the same answer (inference-mode BatchNorm, no batch coupling).
+    batch = rng.random((4, SIZE, SIZE, 3), dtype=np.float32)
+    np.testing.assert_allclose(scorer.predict(batch),
+                               np.concatenate([scorer.predict(x[None]) for x in batch]), atol=1e-5)
+
+
+def test_post_process_records_results_and_applies_thresholds(scorer, redis_url):
+    metas = queue_slices(redis_url, [b"x", b"y"])
+    probabilities = np.array([[0.2] * 5 + [0.9], [0.35, 0, 0, 0, 0, 0.1]], dtype=np.float32)
+    positives = scorer.post_process(metas, probabilities, failed=[])
+    assert [p.meta.sop_instance_uid for p in positives] == [metas[0].sop_instance_uid]
+    client = redis.Redis.from_url(redis_url)
+    assert client.hlen(keys.study_results(metas[0].study_instance_uid)) == 2
+    assert client.exists(keys.slice_bytes(metas[0].token)) == 0  # bytes dropped once scored
+    second = scorer.studies.results(metas[0].study_instance_uid)[1]
+    assert second["positive"]["epidural"] and not second["positive"]["any"]  # 0.35 ≥ 0.3 override
+
+
+def test_score_returns_one_first_positive_candidate_per_study(scorer, redis_url):
+    metas = queue_slices(redis_url, [to_bytes(ct_dataset(lesion_hu(64, seed=i))) for i in range(4)])
+    first = scorer.score(metas)
+    # An untrained network puts `any` near 0.5 > 0.15: every slice is positive; one per study.
+    assert len(first) == 1 and first[0].meta.study_instance_uid == metas[0].study_instance_uid
