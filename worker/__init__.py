@@ -1,6 +1,5 @@
 """ICH Watch workers: `celery -A worker worker -Q ich.score -P solo` scores slices;
 `celery -A worker worker -Q alerts -P threads` delivers alerts and sends study summaries.
-TensorFlow is imported only by a process that scores."""
-from worker.app import app
 
-__all__ = ["app"]
+Celery finds the app in `worker/celery.py` (its documented layout), so importing this package
+reads no settings and imports neither Celery's app nor TensorFlow."""

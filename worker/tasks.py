@@ -20,7 +20,7 @@ from prometheus_client import start_http_server
 from ich import keys
 from ich.queue import SCORE_TASK, connect, task_message
 from worker import alerts, metrics
-from worker.app import app, consumed_queues, settings
+from worker.celery import app, consumed_queues, settings
 from worker.scoring import Scorer, meta_from_kwargs
 from worker.study import FIRST_POSITIVE, STUDY_SUMMARY, StudyStore
 

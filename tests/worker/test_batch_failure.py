@@ -22,7 +22,7 @@ def tasks(redis_server, tmp_path_factory):
         mp.setenv("ICH_REDIS_URL", redis_server.url)
         mp.setenv("ICH_MODEL_DIR", str(blood_detector(tmp_path_factory.mktemp("models"))))
         import worker.tasks as tasks
-        assert tasks.settings.redis_url == redis_server.url, "worker.app was imported earlier"
+        assert tasks.settings.redis_url == redis_server.url, "worker.celery was imported earlier"
         yield tasks
 
 
