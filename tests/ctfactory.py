@@ -12,14 +12,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def head_hu(size: int = 64, seed: int = 0) -> np.ndarray:
-    """A crude head: air, a skull ring, brain with noise and a bright spot (integer HU)."""
+    """A crude head: air, a skull ring, brain with noise and a calcified spot (integer HU)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
     r = np.hypot(x, y * 1.15)
     hu = np.full((size, size), -1000.0)
     hu[r < 0.85] = 1100
     hu[r < 0.75] = 35 + rng.normal(0, 4, (size, size))[r < 0.75]
-    hu[(x - 0.3) ** 2 + y ** 2 < 0.01] = 70
+    hu[(x - 0.3) ** 2 + y ** 2 < 0.01] = 300  # a calcification: bright but not blood
     return np.round(hu).astype(np.int32)
 
 

@@ -1,9 +1,8 @@
 """Tiny model artifacts for worker tests, written with the real artifact code (ich.model).
 
-`blood_detector` is a 75×75 network with hand-set weights whose `any` output rises with the
-fraction of pixels in the blood band (brain window bright, soft-tissue window not bone-bright),
-so tests know which slices are positive without training. `random_inception` is the production
-architecture at its minimum input size, untrained, to prove the serving path loads it.
+`blood_detector` is a small network with hand-set weights whose `any` output counts pixels in
+the blood band away from bone, so tests know which slices are positive without training.
+`random_inception` is the production architecture, untrained, to prove the serving path.
 """
 from __future__ import annotations
 
@@ -14,28 +13,38 @@ import numpy as np
 from ich.labels import LABELS
 from ich.model import ModelCard, build_model, promote, save_artifact
 
-SIZE = 75
+SIZE = 96
 
 
-def blood_detector(root: Path, version: str = "test-detector-1", area: float = 0.04) -> Path:
-    """`any` ≈ sigmoid(400·(blood fraction − area)); subtypes mirror it; returns models/current."""
+def blood_detector(root: Path, version: str = "test-detector-1", min_pixels: float = 2.5) -> Path:
+    """A hand-weighted detector: `any` = σ(4·(n − min_pixels)), n = pixels where the 5×5 mean
+    of the brain window is ≥ 0.72 (≈ 58 HU: blood, not noisy brain) and no bone-bright
+    soft-tissue-window pixel lies within 3 pixels (skull edges are not blood). Subtypes mirror
+    `any`. It finds the large lesions of tests/ctfactory and phantom intraparenchymal bleeds."""
     import keras
 
     inputs = keras.Input((SIZE, SIZE, 3), name="windows")
-    # Channel 0 brain window (L40/W80): blood 64-80 HU ≥ 0.8. Channel 2 soft tissue (L40/W380):
-    # bone ≥ 0.9, blood ≈ 0.6. Indicator = σ(60(brain-0.8)) − σ(60(soft-0.9)).
-    both = keras.layers.Conv2D(2, 1, activation="sigmoid", name="bands")(inputs)
-    blood = keras.layers.Conv2D(1, 1, use_bias=False, name="blood")(both)
+    brain = keras.layers.Conv2D(1, 1, use_bias=False, name="brain")(inputs)
+    soft = keras.layers.Conv2D(1, 1, use_bias=False, name="soft")(inputs)
+    bright = keras.layers.AveragePooling2D(5, strides=1, padding="same")(brain)
+    bone = keras.layers.MaxPooling2D(7, strides=1, padding="same")(soft)
+    is_bright = keras.layers.Dense(1, activation="sigmoid", name="is_bright")(bright)
+    not_bone = keras.layers.Dense(1, activation="sigmoid", name="not_bone")(bone)
+    blood = keras.layers.Multiply()([is_bright, not_bone])
     fraction = keras.layers.GlobalAveragePooling2D(name="fraction")(blood)
     outputs = keras.layers.Dense(len(LABELS), activation="sigmoid", name="ich")(fraction)
     model = keras.Model(inputs, outputs)
-    w = np.zeros((1, 1, 3, 2), np.float32)
-    w[0, 0, 0, 0], w[0, 0, 2, 1] = 60.0, 60.0
-    model.get_layer("bands").set_weights([w, np.array([-48.0, -54.0], np.float32)])
-    model.get_layer("blood").set_weights([np.array([1.0, -1.0], np.float32).reshape(1, 1, 2, 1)])
-    k = 400.0
+    pick = np.zeros((1, 1, 3, 1), np.float32)
+    pick[0, 0, 0, 0] = 1.0
+    model.get_layer("brain").set_weights([pick.copy()])
+    pick[0, 0, 0, 0], pick[0, 0, 2, 0] = 0.0, 1.0
+    model.get_layer("soft").set_weights([pick])
+    steep = 80.0
+    model.get_layer("is_bright").set_weights([np.array([[steep]]), np.array([-steep * 0.72])])
+    model.get_layer("not_bone").set_weights([np.array([[-steep]]), np.array([steep * 0.85])])
+    k = 4.0 * SIZE * SIZE  # the pooled mean is n / SIZE²
     model.get_layer("ich").set_weights([np.full((1, len(LABELS)), k, np.float32),
-                                        np.full((len(LABELS),), -k * area, np.float32)])
+                                        np.full((len(LABELS),), -4.0 * min_pixels, np.float32)])
     return _publish(model, ModelCard(version=version, engine="test-detector", input_size=SIZE), root)
 
 

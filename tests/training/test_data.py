@@ -1,0 +1,152 @@
+"""Label table, split, input pipeline, learning-rate schedule and configuration precedence."""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import numpy as np
+import pytest
+
+from ich.labels import LABELS
+from training import config, data, synthetic
+from training.train import MyDeepModel, lr_schedule
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    """Four small phantom studies (6 slices each) with two broken files: one truncated, one
+    not DICOM at all."""
+    root = tmp_path_factory.mktemp("phantoms")
+    synthetic.generate(root, studies=4, seed=11, slices=(6, 6))
+    files = sorted((root / "stage_2_train").glob("*.dcm"))
+    truncated, garbage = files[3], files[10]
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    garbage.write_bytes(b"this is not a DICOM file" * 50)
+    return root, {truncated.stem, garbage.stem}
+
+
+def _write_csv(path, rows):
+    path.write_text("ID,Label\n" + "".join(f"{i}_{label},{v}\n" for i, label, v in rows))
+
+
+def test_read_trainset_drops_duplicates_orders_labels_and_reports_missing(tmp_path, caplog):
+    images = tmp_path / "stage_2_train"
+    images.mkdir()
+    for name in ("ID_a", "ID_c", "ID_d"):
+        (images / f"{name}.dcm").write_bytes(b"")
+    scrambled = ["any", "subdural", "epidural", "subarachnoid", "intraventricular", "intraparenchymal"]
+    rows = [("ID_a", label, int(label in ("subdural", "any"))) for label in scrambled]
+    rows += [("ID_a", "subdural", 1), ("ID_a", "any", 1)]            # duplicate rows, same value
+    rows += [("ID_b", label, 0) for label in LABELS]                 # listed, file missing
+    rows += [("ID_c", label, 0) for label in LABELS[:5]]             # only five labels
+    rows += [("ID_d", label, 0) for label in LABELS] + [("ID_d", "any", 1)]   # duplicate disagrees
+    _write_csv(tmp_path / "stage_2_train.csv", rows)
+
+    with caplog.at_level(logging.WARNING):
+        ts = data.read_trainset(tmp_path / "stage_2_train.csv")
+    assert list(ts.ids) == ["ID_a", "ID_d"]
+    assert ts.labels.tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]]   # model order, first value kept
+    assert ts.paths[0].endswith("stage_2_train/ID_a.dcm")
+    assert ts.duplicates == 3 and ts.conflicts == ["ID_d"]
+    assert ts.missing == ["ID_b"] and ts.incomplete == ["ID_c"]
+    assert ts.report()["missing_on_disk"] == 1
+    assert "not in" in caplog.text                                  # the missing image is reported
+    assert len(data.read_trainset(tmp_path)) == 2                   # a folder works too
+
+
+def test_read_trainset_rejects_a_malformed_row(tmp_path):
+    (tmp_path / "stage_2_train").mkdir()
+    (tmp_path / "stage_2_train.csv").write_text("ID,Label\nID_a_any,1\nID_a_bleeding,1\n")
+    with pytest.raises(data.DataError, match=":3:"):
+        data.read_trainset(tmp_path)
+
+
+def test_unreadable_files_are_skipped_and_reported_never_black(phantoms):
+    root, broken = phantoms
+    ts = data.read_trainset(root)
+    assert len(ts) == 24 and broken <= set(ts.ids)        # listed and on disk: found at decode time
+    decoder = data.Decoder(ts.paths, 75)
+    rows = np.concatenate([index.numpy() for _, index in
+                           data.dataset(ts, decoder, 8, training=False, workers=2)])
+    assert sorted(ts.ids[rows]) == sorted(set(ts.ids) - broken)
+    report = decoder.report()
+    assert report["skipped"] == 2
+    assert set(report["reasons"]) <= {"truncated", "undecodable"} and sum(report["reasons"].values()) == 2
+
+    train = data.dataset(ts, data.Decoder(ts.paths, 75, cache=True), 4, training=True, seed=1,
+                         augment=False, workers=2)
+    seen = 0
+    for images, labels in train.take(3 * 22 // 4):            # three epochs' worth
+        assert images.shape == (4, 75, 75, 3) and labels.shape == (4, 6)
+        assert float(np.min(np.max(images.numpy(), axis=(1, 2, 3)))) > 0.0   # no black image
+        seen += 4
+    assert seen > 22
+
+
+def test_augmentation_keeps_shape_range_and_changes_images(phantoms):
+    root, _ = phantoms
+    ts = data.read_trainset(root).take(np.arange(12, 20))
+    decoder = data.Decoder(ts.paths, 75, cache=True)
+    plain = next(iter(data.dataset(ts, decoder, 8, training=True, seed=3, augment=False)))[0].numpy()
+    augmented = next(iter(data.dataset(ts, decoder, 8, training=True, seed=3, augment=True)))[0].numpy()
+    assert augmented.shape == plain.shape
+    assert augmented.min() >= 0.0 and augmented.max() <= 1.0 + 1e-5
+    assert not np.allclose(np.sort(plain.ravel()), np.sort(augmented.ravel()))
+
+
+def test_slice_split_matches_reference_and_study_split_keeps_studies_apart(phantoms):
+    from sklearn.model_selection import ShuffleSplit
+
+    root, _ = phantoms
+    ts = data.read_trainset(root)
+    train, valid = data.split(ts, "slice")
+    reference = next(ShuffleSplit(n_splits=3, test_size=0.2, random_state=42).split(ts.ids))
+    assert train.tolist() == reference[0].tolist() and valid.tolist() == reference[1].tolist()
+    assert set(train).isdisjoint(valid) and len(train) + len(valid) == len(ts)
+
+    uids = data.study_uids(ts.paths)
+    assert len(set(uids) - {u for u in uids if u.startswith("unreadable:")}) == 4
+    train, valid = data.split(ts, "study")
+    assert set(uids[train]).isdisjoint(uids[valid])
+    assert len(train) + len(valid) == len(ts) and len(valid) > 0
+    # what the study split prevents: the slice split puts some study on both sides here
+    train, valid = data.split(ts, "slice")
+    assert set(uids[train]) & set(uids[valid])
+
+
+def test_lr_schedule_is_step_decay_per_decay_steps_epochs():
+    schedule = lr_schedule(3e-4, 0.8, 3)
+    assert [schedule(e) for e in range(7)] == pytest.approx(
+        [3e-4, 3e-4, 3e-4, 2.4e-4, 2.4e-4, 2.4e-4, 1.92e-4])
+    assert lr_schedule(1e-3, 0.5, 1)(2) == pytest.approx(2.5e-4)
+
+
+def test_reference_api_keeps_its_defaults():
+    defaults = {k: v.default for k, v in inspect.signature(MyDeepModel).parameters.items()}
+    assert defaults["input_dims"] == (224, 224, 3) and defaults["batch_size"] == 32
+    assert defaults["learning_rate"] == 3e-4 and defaults["num_epochs"] == 3
+    assert defaults["decay_rate"] == 0.8 and defaults["decay_steps"] == 3
+    assert defaults["weights"] == "imagenet" and defaults["verbose"] == 1
+
+
+def test_config_precedence_reference_recipe_file_flags(tmp_path):
+    real = config.load(["--data", "d"])
+    assert (real.engine, real.input_size, real.batch_size, real.learning_rate, real.epochs,
+            real.decay_rate, real.decay_steps, real.weights, real.split) == (
+        "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "slice")
+    phantom = config.load(["--synthetic-studies", "90"])
+    assert phantom.split == "study" and phantom.input_size == config.SYNTHETIC_RECIPE["input_size"]
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "x"\nbatch-size = 8\nepochs = 5\nsplit = "study"\n')
+    resolved = config.load(["--config", str(toml), "--epochs", "2"])
+    assert (resolved.data, resolved.batch_size, resolved.epochs, resolved.split) == ("x", 8, 2, "study")
+    assert config.load(["--config", str(toml), "--synthetic-studies", "3"]).data is None
+
+    with pytest.raises(config.ConfigError, match="exactly one"):
+        config.load([])
+    toml.write_text("batch_sise = 8\n")
+    with pytest.raises(config.ConfigError, match="batch_sise"):
+        config.load(["--config", str(toml), "--data", "d"])
+    with pytest.raises(SystemExit):
+        config.load(["--data", "d", "--split", "patient"])

@@ -1,0 +1,113 @@
+"""`python -m training` end to end on a tiny model: one run (75×75, six phantom studies, one
+epoch of two steps) shared by every test here, then `python -m training.evaluate` on it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ich.labels import LABELS
+from ich.model import ModelCard, load_artifact
+from training import synthetic
+from training.__main__ import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Phantoms with one truncated slice, trained through the real CLI with a config file that
+    the flags partly override."""
+    root = tmp_path_factory.mktemp("training")
+    phantoms = root / "phantoms"
+    synthetic.generate(phantoms, studies=6, seed=5, slices=(8, 12))
+    broken = sorted((phantoms / "stage_2_train").glob("*.dcm"))[7]
+    broken.write_bytes(broken.read_bytes()[:4000])
+    (root / "run.toml").write_text("batch_size = 8\nepochs = 4\ninput_size = 75\nverbose = 0\n")
+    argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
+            "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
+            "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3",
+            "--out", str(root / "models"), "--version", "tiny-1", "--promote"]
+    assert main(argv) == 0
+    return {"root": root, "phantoms": phantoms, "broken": broken.stem,
+            "artifact": root / "models" / "tiny-1"}
+
+
+def test_artifact_loads_and_scores_windows(run):
+    model, card = load_artifact(run["artifact"])
+    assert card.version == "tiny-1" and card.input_size == 75 and card.labels == list(LABELS)
+    x = np.random.default_rng(0).random((2, 75, 75, 3), np.float32)
+    p = np.asarray(model(x, training=False))
+    assert p.shape == (2, 6) and np.all((p > 0) & (p < 1))
+
+
+def test_promote_points_current_at_the_new_version(run):
+    current = run["root"] / "models" / "current"
+    assert current.is_symlink() and current.resolve() == run["artifact"].resolve()
+
+
+def test_model_card_holds_thresholds_metrics_and_data(run):
+    card = ModelCard.read(run["artifact"])
+    assert set(card.thresholds) == set(LABELS) and all(0 < t < 1 for t in card.thresholds.values())
+    m = card.metrics
+    assert m["weighted_log_loss"] > 0 and m["prevalence_log_loss"] > 0 and m["best_epoch"] == 1
+    for label in LABELS:
+        assert {"log_loss", "auc", "threshold", "recall", "precision", "specificity"} <= set(m["per_label"][label])
+        assert m["per_label"][label]["threshold"] == card.thresholds[label]
+    any_ = m["per_label"]["any"]
+    if any_["positives"]:   # the recipe's target recall 0.95 chose `any` on validation
+        assert any_["recall"] >= 0.95
+    assert card.data["source"] == "synthetic" and card.data["split"] == "study"
+    assert card.data["train_images"] + card.data["validation_images"] == card.data["read"]["images"]
+
+
+def test_unreadable_slice_was_skipped_and_reported(run):
+    data = ModelCard.read(run["artifact"]).data
+    skipped = {**dict.fromkeys(data["skipped_train"]["examples"]),
+               **dict.fromkeys(data["skipped_validation"]["examples"])}
+    assert f"{run['broken']}.dcm" in skipped
+    total = data["skipped_train"]["skipped"] + data["skipped_validation"]["skipped"]
+    assert total == 1
+    if data["skipped_validation"]["skipped"]:
+        assert data["validation_images_scored"] == data["validation_images"] - 1
+
+
+def test_resolved_config_history_and_plots_are_saved(run):
+    folder = run["artifact"]
+    resolved = json.loads((folder / "config.json").read_text())
+    assert resolved["batch_size"] == 8          # from the file
+    assert resolved["epochs"] == 1              # the flag beats the file's 4
+    assert resolved["input_size"] == 75 and resolved["split"] == "study"   # file, recipe
+    assert resolved["synthetic_slices"] == [8, 12]
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history["loss"]) == 1 and len(history["val_weighted_log_loss"]) == 1
+    for plot in ("loss.png", "precision_recall.png"):
+        assert (folder / plot).read_bytes()[:8] == PNG
+
+
+def test_evaluate_cli_prints_metrics_json(run, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--model", str(run["root"] / "models" / "current"),
+         "--data", str(run["phantoms"]), "--plots", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    card = ModelCard.read(run["artifact"])
+    assert result["model"] == "tiny-1"
+    assert result["images"] == card.data["read"]["images"] - 1 and result["decode"]["skipped"] == 1
+    assert result["weighted_log_loss"] > 0
+    for label in LABELS:
+        entry = result["per_label"][label]
+        assert {"log_loss", "auc", "threshold", "recall", "precision", "specificity"} <= set(entry)
+        assert entry["threshold"] == card.thresholds[label]
+    assert (tmp_path / "precision_recall.png").read_bytes()[:8] == PNG
+
+
+def test_cli_rejects_two_data_sources(run, capsys):
+    with pytest.raises(SystemExit):
+        main(["--data", "x", "--synthetic-studies", "3"])
+    assert main(["--out", str(run["root"])]) == 2
+    assert "exactly one" in capsys.readouterr().err
