@@ -10,7 +10,7 @@ EXTRAS := $(TF),dev
 STAMP  := $(VENV)/.installed-$(TF)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test run bench docs clean
+.PHONY: install system-deps test run demo bench docs clean
 
 install: $(STAMP)
 
@@ -28,9 +28,12 @@ test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 run: install system-deps
-	@echo "ICH Watch: the listener and workers are not built yet (issues 4-6)." >&2
-	@echo "Today you can generate phantom data: $(BIN)/python -m training.synthetic --out data/synthetic --studies 10 --seed 1" >&2
-	@exit 1
+	@scripts/run
+
+# Sends one synthetic positive and one negative study to the node `make run` started.
+demo: install
+	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --positive --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
+	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --negative --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
 
 bench: install system-deps
 	$(BIN)/python bench/bench_imaging.py

@@ -74,8 +74,10 @@ class ServiceProcess:
     """A project process (`python -m ...`) run as the Procfile runs it: its own environment,
     its output in a log file the test can read (and scan for patient data)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path,
+                 python: bool = True) -> None:
         self.args = args
+        self.python = python  # args follow the interpreter; else args are the whole argv
         self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -86,7 +88,8 @@ class ServiceProcess:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("ICH_")} | self.env
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, *self.args], env=env,
+        argv = [sys.executable, *self.args] if self.python else self.args
+        self.proc = subprocess.Popen(argv, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait_port:
             deadline = time.monotonic() + timeout

@@ -1,0 +1,109 @@
+"""One node end to end: DCMTK storescu → listener → Redis → scoring worker → alerts worker →
+a real HTTP consumer, every process started from its Procfile line, as honcho would."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.modelfactory import blood_detector
+from tests.services import RedisServer, ServiceProcess, WebhookReceiver, free_port, metrics_text
+from training.synthetic import make_study, to_bytes
+from worker.alerts import verify
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "e2e-secret"
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def write_study(folder: Path, subtypes: tuple[str, ...], index: int) -> tuple[str, list, set[str]]:
+    """A phantom study as files; returns (study UID, slices, patient identifiers to scan for)."""
+    folder.mkdir(parents=True)
+    slices = make_study(11, index, slices=(10, 12), subtypes=subtypes, variant="default")
+    for s in slices:
+        (folder / f"{s.image_id}.dcm").write_bytes(to_bytes(s.dataset))
+    ds = slices[0].dataset
+    phi = {str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate)}
+    return ds.StudyInstanceUID, slices, phi
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("node")
+    redis_server = RedisServer(tmp / "redis", appendonly=True).start()
+    receiver = WebhookReceiver()
+    ports = {name: free_port() for name in ("dicom", "listener", "worker", "alerts")}
+    env = {
+        "ICH_REDIS_URL": redis_server.url, "ICH_MODEL_DIR": str(blood_detector(tmp / "models")),
+        "ICH_DICOM_PORT": str(ports["dicom"]), "ICH_DICOM_HOST": "127.0.0.1",
+        "ICH_LISTENER_METRICS_PORT": str(ports["listener"]),
+        "ICH_WORKER_METRICS_PORT": str(ports["worker"]),
+        "ICH_ALERTS_METRICS_PORT": str(ports["alerts"]),
+        "ICH_WEBHOOK_URLS": receiver.url, "ICH_WEBHOOK_SECRET": SECRET,
+        "ICH_STUDY_QUIET_S": "2", "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    procs = {name: ServiceProcess(["bash", "-c", f"exec {command}"], env, tmp / f"{name}.log",
+                                  python=False)
+             for name, command in procfile().items()}
+    wait = {"listener": ports["dicom"], "worker": ports["worker"], "alerts": ports["alerts"]}
+    for name, proc in procs.items():
+        proc.start(wait_port=wait[name], timeout=120)
+    yield {"procs": procs, "ports": ports, "receiver": receiver, "tmp": tmp, "redis": redis_server}
+    for proc in procs.values():
+        proc.stop()
+    receiver.close()
+    redis_server.stop()
+
+
+def test_storescu_to_webhook(node):
+    tmp, receiver, ports = node["tmp"], node["receiver"], node["ports"]
+    positive, pos_slices, phi_pos = write_study(tmp / "positive", ("intraparenchymal",), 1)
+    negative, neg_slices, phi_neg = write_study(tmp / "negative", (), 0)
+    assert any(s.labels["any"] for s in pos_slices) and not any(s.labels["any"] for s in neg_slices)
+    sent_at = time.time()
+    for folder in ("positive", "negative"):
+        result = subprocess.run(["storescu", "-aec", "ICHWATCH", "+sd", "127.0.0.1", str(ports["dicom"]),
+                                 str(tmp / folder)], capture_output=True, text=True, timeout=120,
+                                env={"TCP_NODELAY": "1", "PATH": os.environ["PATH"]})
+        assert result.returncode == 0, result.stderr
+
+    def alerts(study: str, kind: str) -> list[dict]:
+        return [a for a in receiver.accepted() if a["study_instance_uid"] == study and a["kind"] == kind]
+
+    receiver.wait_for(lambda: alerts(positive, "study_summary") and alerts(negative, "study_summary"),
+                      timeout=120)
+    time.sleep(1.0)  # anything duplicated would arrive now
+    first = alerts(positive, "first_positive")
+    assert len(first) == 1 and alerts(negative, "first_positive") == []
+    request = next(r for r in receiver.requests if json.loads(r["body"]) == first[0])
+    assert verify(request["body"], request["headers"]["X-ICH-Signature"], SECRET)
+    assert first[0]["received_at"] >= sent_at - 1 and first[0]["latency_seconds"] < 60
+    assert alerts(positive, "study_summary")[0]["positive"]["any"]
+    assert not alerts(negative, "study_summary")[0]["positive"]["any"]
+    assert len(receiver.requests) == 3  # one first_positive, two summaries, no retries
+
+    total = len(pos_slices) + len(neg_slices)
+    listener = metrics_text(ports["listener"])
+    worker = metrics_text(ports["worker"])
+    delivery = metrics_text(ports["alerts"])
+    assert listener["ich_instances_received_total"] == listener["ich_instances_queued_total"] == total
+    assert worker["ich_slices_scored_total"] == total
+    assert worker['ich_alerts_total{kind="first_positive"}'] == 1
+    assert delivery['ich_alerts_total{kind="study_summary"}'] == 2
+    assert delivery['ich_webhook_deliveries_total{outcome="delivered"}'] == 3
+    assert delivery["ich_time_to_alert_seconds_count"] == 1
+    assert worker["ich_queue_depth"] == 0
+
+    logs = "".join(p.log() for p in node["procs"].values())
+    for value in phi_pos | phi_neg:
+        assert value not in logs, "patient data in a log"
