@@ -38,12 +38,8 @@ QUEUE = Decision("queue")
 
 
 def classify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Decision:
-    """Decide from the header alone; pixels are the worker's business."""
-    try:
-        for _ in ds:  # pydicom parses lazily: convert every top-level element now
-            pass
-    except Exception:
-        return Decision("reject", "undecodable", CANNOT_UNDERSTAND)
+    """Decide from the header alone; pixels are the worker's business. pydicom parses
+    lazily, so a malformed element may raise here: the caller answers that with 0xC210."""
     if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
         return Decision("reject", "undecodable", CANNOT_UNDERSTAND)
     if sop_class_uid in MULTI_FRAME_CT:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 import socketserver
 import ssl
+import threading
 import time
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
@@ -66,9 +68,23 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """SO_REUSEPORT: several listener processes can bind the same DICOM port and the kernel
+    spreads associations across them. One pynetdicom process uses about one core (the GIL),
+    so concurrent senders scale with processes, not threads (DESIGN §6)."""
+
+    def server_bind(self) -> None:
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def start(ae: AE, settings: Settings, handlers: list) -> ThreadedAssociationServer:
-    server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False,
-                             evt_handlers=handlers, ssl_context=tls_context(settings))
+    """`ae.start_server(block=False)`, with our server class."""
+    server = ae.make_server((settings.dicom_host, settings.dicom_port), evt_handlers=handlers,
+                            ssl_context=tls_context(settings), server_class=ReusePortServer)
+    threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+    ae._servers.append(server)  # as start_server does: ae.shutdown() then stops it too
     log.info("DICOM node %s listening on %s:%d (%s)", settings.ae_title, settings.dicom_host,
              server.server_address[1], "TLS" if settings.tls_cert else "plain TCP")
     return server

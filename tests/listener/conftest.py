@@ -13,8 +13,8 @@ AE = "ICHWATCH"
 
 
 class Listener(ServiceProcess):
-    def __init__(self, tmp_path, redis_url: str, **env: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+    def __init__(self, tmp_path, redis_url: str, port: int | None = None, **env: str) -> None:
+        self.port, self.metrics_port = port or free_port(), free_port()
         super().__init__(["-m", "dicom_listener"], {
             "ICH_REDIS_URL": redis_url, "ICH_DICOM_PORT": str(self.port),
             "ICH_DICOM_HOST": "127.0.0.1", "ICH_AE_TITLE": AE,
@@ -33,8 +33,8 @@ class Listener(ServiceProcess):
 def listener_factory(tmp_path, redis_url):
     started: list[Listener] = []
 
-    def make(redis=None, **env) -> Listener:
-        listener = Listener(tmp_path, redis or redis_url, **env).start()
+    def make(redis=None, port=None, **env) -> Listener:
+        listener = Listener(tmp_path, redis or redis_url, port, **env).start()
         started.append(listener)
         return listener
 

@@ -206,3 +206,15 @@ def test_logs_carry_counts_and_no_patient_data(listener, tmp_path):
     assert "received 3, queued 3, ignored 0, rejected 0" in log
     for value in PHI.values():
         assert value not in log and value.replace("^", " ") not in log
+
+
+def test_listener_processes_share_one_port(listener_factory):
+    """SO_REUSEPORT: the way to use more than one core for concurrent senders."""
+    first = listener_factory()
+    second = listener_factory(port=first.port)
+    for _ in range(16):
+        result = subprocess.run(["echoscu", "-aec", AE, "127.0.0.1", str(first.port)],
+                                capture_output=True, timeout=30)
+        assert result.returncode == 0
+    accepted = [p.metrics().get('ich_associations_total{outcome="accepted"}', 0) for p in (first, second)]
+    assert sum(accepted) == 16 and min(accepted) > 0, accepted
