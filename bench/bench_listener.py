@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis  # noqa: E402
 
 from ich import keys  # noqa: E402
-from tests.services import RedisServer, ServiceProcess, free_port, metrics_text, wait_for_port  # noqa: E402
+from tests.services import (  # noqa: E402
+    RedisServer, ServiceProcess, free_port, histogram_quantile, metrics_text, wait_for_port,
+)
 from training.synthetic import make_study, to_bytes  # noqa: E402
 
 ENV = {"TCP_NODELAY": "1", "PATH": os.environ["PATH"]}
@@ -58,16 +60,6 @@ def timed_send(port: int, aet: str, shares: list[list[Path]]) -> float:
         if p.returncode:
             raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
     return time.perf_counter() - start
-
-
-def quantile(metrics: dict[str, float], name: str, q: float) -> float:
-    buckets = sorted((float(k.split('le="')[1].rstrip('"}')), v) for k, v in metrics.items()
-                     if k.startswith(f"{name}_bucket") and "+Inf" not in k)
-    total = metrics[f"{name}_count"]
-    for bound, count in buckets:
-        if count >= q * total:
-            return bound
-    return float("inf")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -137,9 +129,9 @@ def main() -> None:
               f"(x{rate_four / rate_one:.2f} of one association)")
         print(f"2 listener processes, 4 assoc: {n / two_procs_s:7.1f} instances/s  "
               f"(x{one_s / two_procs_s:.2f} of one association)")
-        print(f"handler p50/p99, 1 association : {quantile(m1, 'ich_store_handler_seconds', 0.5) * 1e3:.0f}"
-              f" / {quantile(m1, 'ich_store_handler_seconds', 0.99) * 1e3:.0f} ms (histogram bucket bounds)")
-        print(f"handler p99, both runs        : {quantile(m4, 'ich_store_handler_seconds', 0.99) * 1e3:.0f} ms")
+        print(f"handler p50/p99, 1 association : {histogram_quantile(m1, 'ich_store_handler_seconds', 0.5) * 1e3:.0f}"
+              f" / {histogram_quantile(m1, 'ich_store_handler_seconds', 0.99) * 1e3:.0f} ms (histogram bucket bounds)")
+        print(f"handler p99, both runs        : {histogram_quantile(m4, 'ich_store_handler_seconds', 0.99) * 1e3:.0f} ms")
         print(f"listener peak RSS             : {rss:.0f} MiB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

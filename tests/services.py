@@ -182,3 +182,12 @@ def metrics_text(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def histogram_quantile(metrics: dict[str, float], name: str, q: float) -> float:
+    """Upper bucket bound holding quantile `q` of a Prometheus histogram (as PromQL would
+    bracket it): coarse, but read from the process's own metrics."""
+    buckets = sorted((float(k.split('le="')[1].rstrip('"}')), v) for k, v in metrics.items()
+                     if k.startswith(f"{name}_bucket") and "+Inf" not in k)
+    total = metrics[f"{name}_count"]
+    return next((bound for bound, count in buckets if count >= q * total), float("inf"))
