@@ -38,6 +38,8 @@ demo: install
 bench: install system-deps
 	$(BIN)/python bench/bench_imaging.py
 	$(BIN)/python bench/bench_synthetic.py
+	$(BIN)/python bench/bench_listener.py
+	$(BIN)/python bench/bench_worker.py
 
 docs: install
 	$(BIN)/python scripts/update-readme
