@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = Settings.from_env(**vars(args))
+        settings.require_files("tls_cert", "tls_key", "tls_ca")
     except SettingsError as exc:
         raise SystemExit(f"python -m dicom_listener: {exc}") from None
     configure_logging(settings.log_level)

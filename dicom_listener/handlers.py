@@ -77,6 +77,8 @@ class Handlers:
             ds.file_meta = event.file_meta  # carries the negotiated transfer syntax
             decision = policy.classify(ds, request.AffectedSOPClassUID,
                                        request.AffectedSOPInstanceUID)
+            meta = (policy.slice_meta(ds, _ae(event), received_at=time.time())
+                    if decision.action == "queue" else None)
         except Exception as exc:  # pydicom raises many types for a malformed data set
             log.warning("C-STORE from %s: cannot parse data set (%s)", _ae(event),
                         type(exc).__name__)
@@ -91,7 +93,6 @@ class Handlers:
             log.warning("C-STORE from %s: refused (%s)", _ae(event), decision.reason)
             return self._reject(decision.reason, decision.status)
 
-        meta = policy.slice_meta(ds, _ae(event), received_at=time.time())
         try:
             self.queue.enqueue(event.encoded_dataset(), meta)
         except QueueFull as exc:

@@ -48,7 +48,8 @@ def classify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Decision
         # PACS forward whole studies: dose reports, secondary captures, presentation states.
         return Decision("ignore", "not_ct" if "PixelData" in ds else "non_image")
     if str(ds.get("Modality", "")).upper() != "CT":
-        return Decision("ignore", "not_ct")
+        # PS3.3 C.8.2.1: a CT Image has Modality CT. Refuse rather than silently not score.
+        return Decision("reject", "modality_not_ct", DATASET_MISMATCH)
     if ds.get("SOPClassUID") != sop_class_uid:
         return Decision("reject", "sop_class_mismatch", DATASET_MISMATCH)
     for keyword in REQUIRED_UIDS:
@@ -60,8 +61,9 @@ def classify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Decision
     try:
         check_slice(ds, require_ct=False)  # header only: no pixel is decoded here
     except SliceError as exc:
-        # PS3.3 A.3: a CT image has one sample of 8-16 bits; refuse what the worker cannot
-        # score now, while the sender can still be told, rather than fail it later unseen.
+        # PS3.3 A.3/C.8.2.1: a CT image is one sample per pixel, monochrome, one frame; refuse
+        # what the worker cannot score now, while the sender can still be told, rather than
+        # fail it later unseen. (8- and 32-bit pixels are tolerated: the worker decodes them.)
         status = CANNOT_UNDERSTAND if exc.reason in ("truncated", "undecodable") else DATASET_MISMATCH
         return Decision("reject", exc.reason, status)
     return QUEUE

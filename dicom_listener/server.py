@@ -56,7 +56,9 @@ def build_ae(settings: Settings) -> AE:
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """Server TLS (PS3.15 Annex B.1 secure transport); a CA makes client certificates required."""
+    """Server TLS (PS3.15 Annex B secure transport connection profiles): TLS ≥ 1.2 with
+    OpenSSL's default ciphers, in the spirit of the BCP 195 profiles; a CA makes client
+    certificates required (mutual TLS). Certificates are not matched to calling AE titles."""
     if settings.tls_cert is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -96,7 +96,9 @@ def check_slice(ds: Dataset, require_ct: bool = True) -> None:
     if rows > MAX_DIMENSION or cols > MAX_DIMENSION:
         raise SliceError("too_large", f"{rows}x{cols} exceeds {MAX_DIMENSION}")
     frames = _int(ds, "NumberOfFrames", 1)
-    if frames != 1:
+    if frames < 1:
+        raise SliceError("bad_geometry", f"NumberOfFrames={frames}")
+    if frames > 1:
         raise SliceError("multi_frame", f"NumberOfFrames={frames}")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     samples = _int(ds, "SamplesPerPixel", 1)

@@ -84,14 +84,9 @@ def _url_list(raw: str) -> tuple[str, ...]:
     return tuple(one(part) for part in raw.split(",") if part.strip())
 
 
-def _optional_file(raw: str) -> Path | None:
+def _optional_path(raw: str) -> Path | None:
     value = raw.strip()
-    if not value:
-        return None
-    path = Path(value)
-    if not path.is_file():
-        raise ValueError(f"file {value!r} does not exist")
-    return path
+    return Path(value) if value else None
 
 
 def _log_level(raw: str) -> str:
@@ -159,7 +154,7 @@ class Settings:
         "ICH_ALERTS_METRICS_PORT", "9103", _int_range(0, 65535), "alerts /metrics (0 = off)")
     max_queue: int = _setting(
         "ICH_MAX_QUEUE", "10000", _int_range(1, 10_000_000),
-        "queued slices above which the listener answers 0xA700")
+        "queued slices at which the listener answers 0xA700 (out of resources)")
     visibility_timeout_s: int = _setting(
         "ICH_VISIBILITY_TIMEOUT_S", "60", _int_range(5, 3600),
         "seconds before Redis redelivers an unacknowledged slice of a lost worker")
@@ -169,10 +164,10 @@ class Settings:
     result_ttl_s: int = _setting(
         "ICH_RESULT_TTL_S", "604800", _int_range(60, 365 * 86400),
         "how long per-slice results and study state are kept")
-    tls_cert: Path | None = _setting("ICH_TLS_CERT", "", _optional_file, "DICOM TLS certificate")
-    tls_key: Path | None = _setting("ICH_TLS_KEY", "", _optional_file, "DICOM TLS private key")
+    tls_cert: Path | None = _setting("ICH_TLS_CERT", "", _optional_path, "DICOM TLS certificate")
+    tls_key: Path | None = _setting("ICH_TLS_KEY", "", _optional_path, "DICOM TLS private key")
     tls_ca: Path | None = _setting(
-        "ICH_TLS_CA", "", _optional_file, "CA bundle; set = mutual TLS (client certs required)")
+        "ICH_TLS_CA", "", _optional_path, "CA bundle; set = mutual TLS (client certs required)")
     log_level: str = _setting("ICH_LOG_LEVEL", "INFO", _log_level, "log level of every process")
     threshold_overrides: Mapping[str, float] = field(
         default_factory=dict,
@@ -207,6 +202,14 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         return cls(**values)
+
+    def require_files(self, *names: str) -> None:
+        """Stop start-up if a configured file is missing. Only the process that uses a file
+        checks it (TLS files live on listener hosts, not on GPU hosts sharing an env file)."""
+        for f in dataclasses.fields(self):
+            path = getattr(self, f.name)
+            if f.name in names and path is not None and not Path(path).is_file():
+                raise SettingsError(f"{f.metadata['env']}={str(path)!r}: file does not exist")
 
     def thresholds(self, model_thresholds: Mapping[str, float] | None = None) -> dict[str, float]:
         """Per-label thresholds: the model card's, else the defaults, then env overrides."""

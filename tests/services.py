@@ -30,24 +30,29 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
 class RedisServer:
     """A private redis-server (never the machine's shared one), stoppable and restartable."""
 
-    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False,
+                 user: str = "", password: str = "") -> None:
         if not shutil.which("redis-server"):
             raise RuntimeError("redis-server is not installed: run scripts/system-deps")
         self.workdir = workdir
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.user, self.password = user, password  # an ACL user; the default user is then off
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"{self.user}:{self.password}@" if self.user else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-             "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"],
+             "--dir", str(self.workdir), "--maxmemory-policy", "noeviction",
+             *(["--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all",
+                "--user", "default", "off"] if self.user else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         client = redis.Redis.from_url(self.url)
@@ -124,7 +129,7 @@ class ServiceProcess:
 class WebhookReceiver:
     """A real HTTP consumer: records every POST and answers `respond(body)` (default 200)."""
 
-    def __init__(self, respond=None) -> None:
+    def __init__(self, respond=None, port: int = 0) -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -147,7 +152,7 @@ class WebhookReceiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()

@@ -52,12 +52,18 @@ def test_overrides_win_and_none_means_not_given():
     ("ICH_AE_TITLE", "A_TITLE_LONGER_THAN_16"), ("ICH_AE_TITLE", "BAD\\AE"),
     ("ICH_ALLOWED_CALLING_AETS", "OK,WAY_TOO_LONG_AE_TITLE"), ("ICH_REDIS_URL", "localhost:6379"),
     ("ICH_WEBHOOK_URLS", "ftp://x/y"), ("ICH_STUDY_QUIET_S", "-1"), ("ICH_LOG_LEVEL", "LOUD"),
-    ("ICH_TLS_CERT", "/no/such/cert.pem"), ("ICH_THRESHOLD_ANY", "1.5"),
+    ("ICH_THRESHOLD_ANY", "1.5"),
     ("ICH_THRESHOLD_BLEED", "0.2"), ("ICH_VISIBILITY_TIMEOUT_S", "7200"),
 ])
 def test_bad_value_is_an_error_naming_the_variable(name, value):
     with pytest.raises(SettingsError, match=re.escape(name)):
         Settings.from_env({name: value})
+
+
+def test_missing_files_stop_only_the_process_that_needs_them(tmp_path):
+    s = Settings.from_env({"ICH_TLS_CERT": "/no/such/cert.pem", "ICH_TLS_KEY": "/no/such/key.pem"})
+    with pytest.raises(SettingsError, match="ICH_TLS_CERT='/no/such/cert.pem': file does not exist"):
+        s.require_files("tls_cert", "tls_key", "tls_ca")
 
 
 def test_tls_needs_cert_and_key_together(tmp_path):

@@ -35,9 +35,9 @@ def test_dose_report_is_ignored_as_non_image():
     assert decide(ds, XRayRadiationDoseSRStorage) == policy.Decision("ignore", "non_image")
 
 
-def test_ct_class_with_other_modality_is_ignored():
+def test_ct_class_with_other_modality_is_refused():
     ds = ct_dataset(head_hu(), modality="MR")
-    assert decide(ds) == policy.Decision("ignore", "not_ct")
+    assert decide(ds) == policy.Decision("reject", "modality_not_ct", policy.DATASET_MISMATCH)
 
 
 @pytest.mark.parametrize("mutate, reason, status", [
@@ -46,6 +46,7 @@ def test_ct_class_with_other_modality_is_ignored():
      policy.DATASET_MISMATCH),
     (lambda ds: delattr(ds, "PixelData"), "no_pixel_data", policy.DATASET_MISMATCH),
     (lambda ds: setattr(ds, "Rows", 65535), "too_large", policy.DATASET_MISMATCH),
+    (lambda ds: setattr(ds, "NumberOfFrames", 0), "bad_geometry", policy.DATASET_MISMATCH),
     (lambda ds: setattr(ds, "PhotometricInterpretation", "RGB"), "unsupported_photometric",
      policy.DATASET_MISMATCH),
     (lambda ds: setattr(ds, "PixelData", ds.PixelData[:10]), "truncated", policy.CANNOT_UNDERSTAND),

@@ -7,7 +7,7 @@ import sys
 import time
 
 from ich import keys
-from tests.worker.conftest import SECRET
+from tests.pipeline import SECRET
 from worker.alerts import encode, verify
 
 
