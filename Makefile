@@ -10,7 +10,7 @@ EXTRAS := $(TF),dev
 STAMP  := $(VENV)/.installed-$(TF)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test run demo bench docs clean
+.PHONY: install system-deps test soak run demo bench docs clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Long load and fault runs (issue 7): prints the figures they measure.
+soak: install system-deps
+	$(BIN)/python -m pytest -m soak -s $(PYTEST_ARGS)
 
 run: install system-deps
 	@scripts/run
