@@ -19,10 +19,11 @@ log = logging.getLogger("dicom_listener")
 
 #: Stored as received (the listener never decodes pixels): uncompressed and the common
 #: compressed syntaxes a CT or PACS sends. Workers decode them with the pylibjpeg plugins.
+#: Deflated Explicit VR is not offered: pynetdicom and pydicom inflate it without a bound
+#: (a 261 KiB "deflate bomb" cost +512 MiB), and CT senders fall back to an uncompressed one.
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2",         # Implicit VR Little Endian (the default, PS3.5 §10.1)
     "1.2.840.10008.1.2.1",       # Explicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",    # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.4.50",    # JPEG Baseline (Process 1)
     "1.2.840.10008.1.2.4.51",    # JPEG Extended (Process 2 & 4)
     "1.2.840.10008.1.2.4.57",    # JPEG Lossless, Non-Hierarchical (Process 14)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from functools import lru_cache
+from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
@@ -22,6 +24,8 @@ from pydicom.errors import InvalidDicomError
 
 #: Largest Rows/Columns we decode: real CT is ≤ 1024²; a hostile header must not allocate GBs.
 MAX_DIMENSION = 4096
+#: Largest inflated Deflated Explicit VR data set: a 1024² 16-bit slice with headers fits.
+MAX_INFLATED_BYTES = 16 * 2**20
 #: Air, used for pixels outside the scanner's field of view (PixelPaddingValue).
 AIR_HU = -1000.0
 
@@ -68,6 +72,9 @@ def read_dataset(source: Source) -> Dataset:
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
+    elif not hasattr(source, "read"):
+        source = io.BytesIO(Path(source).read_bytes())
+    _refuse_deflate_bomb(source)
     try:
         ds = pydicom.dcmread(source)
     except InvalidDicomError as exc:
@@ -83,12 +90,34 @@ def read_dataset(source: Source) -> Dataset:
     return ds
 
 
+def _refuse_deflate_bomb(fp: BinaryIO) -> None:
+    """Deflated Explicit VR (PS3.5 A.5) is inflated whole by pydicom: a few hundred KiB can
+    become gigabytes. Inflate into a bounded buffer first and refuse what would not fit."""
+    start = fp.tell()
+    try:
+        pydicom.filereader.read_preamble(fp, False)
+        meta = pydicom.filereader._read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflater.decompress(fp.read(), MAX_INFLATED_BYTES + 1)
+        if inflater.unconsumed_tail:
+            raise SliceError("too_large", f"deflated data set inflates past {MAX_INFLATED_BYTES} bytes")
+    except SliceError:
+        raise
+    except Exception:  # not Part 10, a broken meta group or stream: dcmread reports it
+        return
+    finally:
+        fp.seek(start)
+
+
 def check_slice(ds: Dataset, require_ct: bool = True) -> None:
     """Header checks that are cheap and must precede decoding (a hostile header must fail
     here, before any allocation). PS3.3 C.7.6.3 Image Pixel Module defines these attributes."""
-    if require_ct and str(ds.get("Modality", "")).upper() != "CT":
-        raise SliceError("not_ct", f"Modality {ds.get('Modality')!r}")
-    if "PixelData" not in ds:
+    modality = _get(ds, "Modality")
+    if require_ct and str(modality or "").upper() != "CT":
+        raise SliceError("not_ct", f"Modality {modality!r}")
+    if "PixelData" not in ds or not _get(ds, "PixelData"):  # pydicom reads length 0 as None
         raise SliceError("no_pixel_data", "no Pixel Data element")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if not rows or not cols:
@@ -100,7 +129,7 @@ def check_slice(ds: Dataset, require_ct: bool = True) -> None:
         raise SliceError("bad_geometry", f"NumberOfFrames={frames}")
     if frames > 1:
         raise SliceError("multi_frame", f"NumberOfFrames={frames}")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    photometric = str(_get(ds, "PhotometricInterpretation") or "").strip()
     samples = _int(ds, "SamplesPerPixel", 1)
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise SliceError("unsupported_photometric", f"{photometric or 'none'}, {samples} samples")
@@ -113,6 +142,8 @@ def check_slice(ds: Dataset, require_ct: bool = True) -> None:
         have = len(ds.PixelData)
         if have < expected:
             raise SliceError("truncated", f"pixel data {have} bytes, header implies {expected}")
+        if have > expected + 1:  # one byte of padding to an even length is legal (PS3.5 §8.1.1)
+            raise SliceError("bad_geometry", f"pixel data {have} bytes, header implies {expected}")
 
 
 def to_hu(ds: Dataset) -> np.ndarray:
@@ -146,6 +177,8 @@ def to_hu(ds: Dataset) -> np.ndarray:
     hu += np.float32(intercept)
     if padding is not None:
         hu[padding] = AIR_HU
+    if not np.isfinite(hu).all():  # an absurd slope/intercept overflows float32
+        raise SliceError("undecodable", "rescaled values are not finite")
     if hu.size and hu.min() == hu.max():
         raise SliceError("blank", f"every pixel is {hu.flat[0]:g} HU")
     return hu
@@ -205,8 +238,17 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return mask if mask.any() else None
 
 
+def _get(ds: Dataset, keyword: str):
+    """`ds.get` that turns pydicom's lazy conversion errors (bad VR, wrong length) into a
+    SliceError: a malformed element fails its slice, never the caller's batch."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:
+        raise SliceError("undecodable", f"{keyword}: {type(exc).__name__}") from None
+
+
 def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return default
     try:
@@ -217,7 +259,7 @@ def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
 
 def _float(ds: Dataset, keyword: str, default: float) -> float:
     """Numeric attribute tolerant of multi-valued fields (RSNA files carry some)."""
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return default
     if isinstance(value, (list, pydicom.multival.MultiValue)):

@@ -123,6 +123,9 @@ class Scorer:
             return imaging.load_slice(blob, self.size), ""
         except imaging.SliceError as exc:
             return None, exc.reason
+        except Exception as exc:  # the edge of one slice: whatever it is, it fails alone
+            log.warning("decoder raised %s; slice failed as undecodable", type(exc).__name__)
+            return None, "undecodable"
 
 
 def _gpu_memory_growth(tf) -> None:
