@@ -79,6 +79,9 @@ class ServiceProcess:
     """A project process (`python -m ...`) run as the Procfile runs it: its own environment,
     its output in a log file the test can read (and scan for patient data)."""
 
+    #: Every log written during the session; tests/conftest.py scans them all at the end.
+    all_logs: list[Path] = []
+
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path,
                  python: bool = True) -> None:
         self.args = args
@@ -86,6 +89,7 @@ class ServiceProcess:
         self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        ServiceProcess.all_logs.append(log_path)
 
     def start(self, wait_port: int | None = None, timeout: float = 60.0) -> "ServiceProcess":
         import os
