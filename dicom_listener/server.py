@@ -71,21 +71,32 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """SO_REUSEPORT: several listener processes can bind the same DICOM port and the kernel
-    spreads associations across them. One pynetdicom process uses about one core (the GIL),
-    so concurrent senders scale with processes, not threads (DESIGN §6)."""
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's server with two changes. SO_REUSEPORT: several listener processes can bind
+    the same DICOM port and the kernel spreads associations across them (one pynetdicom
+    process uses about one core, so concurrent senders scale with processes, DESIGN §6).
+    And the TLS handshake moves out of the accept loop."""
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """pynetdicom does the TLS handshake here, in the one accepting thread: a TCP probe or
+        a slow client that never speaks TLS would stop every other sender. Defer it to the
+        association's own thread (OpenSSL completes it on the first read)."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
 
 def start(ae: AE, settings: Settings, handlers: list) -> ThreadedAssociationServer:
     """`ae.start_server(block=False)`, with our server class."""
     server = ae.make_server((settings.dicom_host, settings.dicom_port), evt_handlers=handlers,
-                            ssl_context=tls_context(settings), server_class=ReusePortServer)
+                            ssl_context=tls_context(settings), server_class=ListenerServer)
     threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
     ae._servers.append(server)  # as start_server does: ae.shutdown() then stops it too
     log.info("DICOM node %s listening on %s:%d (%s)", settings.ae_title, settings.dicom_host,

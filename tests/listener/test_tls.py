@@ -64,3 +64,15 @@ def test_server_only_tls_accepts_anonymous_clients(listener_factory, pki, slice_
     assert send(listener.port, slice_file, "+tla", "+cf", str(pki / "ca.crt")) == 0
     assert send(listener.port, slice_file) != 0
     assert redis.Redis.from_url(redis_url).llen(keys.SCORE_QUEUE) == 1
+
+
+def test_a_silent_tcp_client_does_not_block_tls_handshakes(listener_factory, pki, slice_file, redis_url):
+    """A TCP probe (or a slow client) that never speaks TLS must not hold the accept loop."""
+    import socket
+
+    listener = listener_factory(ICH_TLS_CERT=str(pki / "server.crt"),
+                                ICH_TLS_KEY=str(pki / "server.key"))
+    with socket.create_connection(("127.0.0.1", listener.port)):
+        tls = ["+tla", "+cf", str(pki / "ca.crt")]
+        assert send(listener.port, slice_file, *tls) == 0
+    assert redis.Redis.from_url(redis_url).llen(keys.SCORE_QUEUE) == 1
