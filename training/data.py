@@ -1,0 +1,278 @@
+"""RSNA-layout data: the label table, the train/validation split and the streaming input pipeline.
+
+The pipeline decodes every slice with `ich.imaging.load_slice`, the function the worker calls,
+so training and serving cannot drift. A slice that cannot be decoded is skipped and reported
+(`Decoder.skipped`), never turned into a black image labelled "no bleed" as the RSNA baseline
+did. Augmentation runs on whole batches in TensorFlow, where it costs little next to a training
+step.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ich.imaging import SliceError, load_slice
+from ich.labels import LABELS
+
+log = logging.getLogger(__name__)
+
+TRAIN_CSV = "stage_2_train.csv"
+TRAIN_DIR = "stage_2_train"
+SPLIT_SEED = 42          # the reference's ShuffleSplit random_state, kept for parity
+N_SPLITS, TEST_SIZE = 3, 0.2
+
+
+class DataError(ValueError):
+    """A label file or data folder that cannot be trained on; the message says where."""
+
+
+@dataclass(frozen=True)
+class Slices:
+    """One row per image: the project's stand-in for the reference's DataFrame."""
+
+    ids: np.ndarray          # (n,) image ids "ID_<hex>"
+    paths: np.ndarray        # (n,) DICOM file paths
+    labels: np.ndarray       # (n, 6) float32 in LABELS order
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, index) -> "Slices":
+        index = np.asarray(index)
+        return Slices(self.ids[index], self.paths[index], self.labels[index])
+
+    def prevalence(self) -> np.ndarray:
+        return self.labels.mean(axis=0) if len(self) else np.zeros(len(LABELS), np.float32)
+
+
+@dataclass(frozen=True)
+class Trainset(Slices):
+    """`Slices` plus what reading the label file found: duplicate rows and absent images."""
+
+    duplicates: int = 0                              # repeated (image, label) rows dropped
+    conflicts: list[str] = field(default_factory=list)    # images whose duplicates disagreed
+    incomplete: list[str] = field(default_factory=list)   # images without all six labels
+    missing: list[str] = field(default_factory=list)      # images listed but not on disk
+
+    def report(self) -> dict:
+        return {"images": len(self), "duplicate_rows_dropped": self.duplicates,
+                "conflicting_duplicates": len(self.conflicts), "incomplete": len(self.incomplete),
+                "missing_on_disk": len(self.missing), "missing_examples": self.missing[:10]}
+
+
+def read_trainset(path, image_dir=None) -> Trainset:
+    """`stage_2_train.csv` (or its folder) → one row per image with its six labels.
+
+    Rows are `ID_<hex>_<label>,0|1`. Duplicate rows (the real CSV has some) are dropped; images
+    whose duplicates disagree keep their first value and are reported; images without all six
+    labels, or without a file in `image_dir` (default: `stage_2_train/` beside the CSV), are
+    reported and left out.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / TRAIN_CSV
+    image_dir = Path(image_dir) if image_dir else path.parent / TRAIN_DIR
+    table, duplicates, conflicts = _read_label_rows(path)
+    on_disk = _listdir(image_dir)
+    keep, incomplete, missing = [], [], []
+    for image, labels in table.items():
+        if len(labels) != len(LABELS):
+            incomplete.append(image)
+        elif f"{image}.dcm" not in on_disk:
+            missing.append(image)
+        else:
+            keep.append(image)
+    if missing:
+        log.warning("%d images listed in %s are not in %s (e.g. %s)", len(missing), path.name,
+                    image_dir, ", ".join(missing[:3]))
+    if incomplete:
+        log.warning("%d images lack some of the six labels; left out", len(incomplete))
+    ids = np.array(keep, dtype=str)
+    return Trainset(
+        ids=ids,
+        paths=np.array([str(image_dir / f"{i}.dcm") for i in keep], dtype=str),
+        labels=np.array([[table[i][label] for label in LABELS] for i in keep],
+                        dtype=np.float32).reshape(-1, len(LABELS)),
+        duplicates=duplicates, conflicts=conflicts, incomplete=incomplete, missing=missing)
+
+
+def _read_label_rows(path: Path) -> tuple[dict[str, dict[str, int]], int, list[str]]:
+    table: dict[str, dict[str, int]] = {}
+    duplicates, conflicts = 0, []
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["ID", "Label"]:
+                raise DataError(f"{path}: expected the header ID,Label, found {header}")
+            for line, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                image, label, value = _parse_row(path, line, row)
+                labels = table.setdefault(image, {})
+                if label in labels:
+                    duplicates += 1
+                    if labels[label] != value and image not in conflicts:
+                        conflicts.append(image)
+                    continue
+                labels[label] = value
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if conflicts:
+        log.warning("%d images have duplicate rows that disagree; kept the first", len(conflicts))
+    return table, duplicates, conflicts
+
+
+def _parse_row(path: Path, line: int, row: list[str]) -> tuple[str, str, int]:
+    try:
+        image, label = row[0].rsplit("_", 1)
+        value = int(float(row[1]))
+    except (ValueError, IndexError):
+        raise DataError(f"{path}:{line}: expected ID_<hex>_<label>,0|1, found {row}") from None
+    if label not in LABELS or value not in (0, 1):
+        raise DataError(f"{path}:{line}: unknown label or value in {row}")
+    return image, label, value
+
+
+def _listdir(folder: Path) -> set[str]:
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name for e in entries}
+    except OSError as exc:
+        raise DataError(f"cannot list images in {folder}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def split(slices: Slices, mode: str = "slice") -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation row indices: the first of the reference's three ShuffleSplit folds
+    (`slice`), or the same on whole studies (`study`, GroupShuffleSplit on StudyInstanceUID),
+    because slices of one study on both sides inflate validation scores."""
+    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
+
+    if mode == "study":
+        groups = study_uids(slices.paths)
+        splitter = GroupShuffleSplit(n_splits=N_SPLITS, test_size=TEST_SIZE, random_state=SPLIT_SEED)
+        return next(splitter.split(slices.ids, groups=groups))
+    if mode != "slice":
+        raise ValueError(f"split mode must be slice or study, not {mode!r}")
+    splitter = ShuffleSplit(n_splits=N_SPLITS, test_size=TEST_SIZE, random_state=SPLIT_SEED)
+    return next(splitter.split(slices.ids))
+
+
+def study_uids(paths) -> np.ndarray:
+    """StudyInstanceUID of each file, from the header only. A file whose header cannot be read
+    becomes a group of its own (the pipeline will skip and report it)."""
+    import pydicom
+
+    uids = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+            uids.append(str(ds.StudyInstanceUID))
+        except Exception:  # noqa: BLE001 — any unreadable header: its own group
+            uids.append(f"unreadable:{path}")
+    return np.array(uids, dtype=str)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class Decoder:
+    """Index → windowed image via ich.imaging, thread-safe, recording the slices it skips.
+
+    With `cache`, decoded images stay in memory: later epochs cost no decoding (small datasets
+    only: 128² × 3 float32 is 192 KiB per slice).
+    """
+
+    def __init__(self, paths, size: int, cache: bool = False) -> None:
+        self.paths, self.size, self.cache = list(paths), size, cache
+        self.skipped: dict[str, str] = {}      # path → SliceError reason (or "missing")
+        self._images: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, index) -> tuple[np.ndarray, bool]:
+        index = int(index)
+        image = self._images.get(index)
+        if image is not None:
+            return image, True
+        path = self.paths[index]
+        try:
+            image = load_slice(path, self.size)
+        except SliceError as exc:
+            return self._skip(path, exc.reason)
+        except FileNotFoundError:
+            return self._skip(path, "missing")
+        if self.cache:
+            self._images[index] = image
+        return image, True
+
+    def _skip(self, path: str, reason: str) -> tuple[np.ndarray, bool]:
+        with self._lock:
+            if path not in self.skipped:
+                log.warning("skipping %s: %s", path, reason)
+            self.skipped[path] = reason
+        return np.zeros((self.size, self.size, 3), np.float32), False
+
+    def report(self) -> dict:
+        reasons: dict[str, int] = {}
+        for reason in self.skipped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return {"skipped": len(self.skipped), "reasons": reasons,
+                "examples": sorted(os.path.basename(p) for p in self.skipped)[:10]}
+
+
+def augmenter(seed: int):
+    """Cheap, label-preserving batch augmentation: left-right flip (heads are near-symmetric),
+    ±6° rotation, ±6 % shift and ±8 % zoom, filling with 0 (air in every window)."""
+    import keras
+
+    fill = {"fill_mode": "constant", "fill_value": 0.0}
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(6 / 360, seed=seed + 1, **fill),
+        keras.layers.RandomTranslation(0.06, 0.06, seed=seed + 2, **fill),
+        keras.layers.RandomZoom(0.08, seed=seed + 3, **fill),
+    ], name="augment")
+
+
+def dataset(slices: Slices, decoder: Decoder, batch_size: int, *, training: bool,
+            seed: int = 0, augment: bool = False, workers: int = 2):
+    """A tf.data pipeline over `slices`: parallel decode → drop skipped slices → batch.
+
+    Training: reshuffled every epoch, repeated forever (use steps_per_epoch), full batches only
+    (a 3-image batch would upset BatchNorm), augmented. Otherwise: in order, once, yielding
+    `(image, row index)` so predictions can be matched to labels after skips.
+    """
+    import tensorflow as tf
+
+    size = decoder.size
+    labels = tf.constant(slices.labels, tf.float32)
+
+    def decode(index):
+        image, ok = tf.numpy_function(decoder, [index], [tf.float32, tf.bool], stateful=False)
+        image.set_shape((size, size, 3))
+        ok.set_shape(())
+        return image, ok, index
+
+    ds = tf.data.Dataset.range(len(slices))
+    if training:
+        ds = ds.shuffle(len(slices), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(decode, num_parallel_calls=workers, deterministic=True)
+    ds = ds.filter(lambda image, ok, index: ok)
+    if training:
+        ds = ds.map(lambda image, ok, index: (image, tf.gather(labels, index)))
+        ds = ds.batch(batch_size, drop_remainder=True)
+        if augment:
+            layer = augmenter(seed)
+            ds = ds.map(lambda x, y: (layer(x, training=True), y))
+    else:
+        ds = ds.map(lambda image, ok, index: (image, index)).batch(batch_size)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,243 @@
+"""Metrics, recall-first thresholds and plots; `python -m training.evaluate` for any artifact.
+
+The competition metric is the weighted multi-label log loss (`any` weighs 2, each subtype 1).
+Triage adds an operating point per label: recall first, because a missed bleed costs more than
+a false alarm. Every number here comes from inference-mode predictions — the only ones a worker
+will ever produce.
+
+    python -m training.evaluate --model models/current --data data/synthetic
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ich.labels import DEFAULT_THRESHOLDS, LABELS, WEIGHT_VECTOR
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-15   # the clipping of the RSNA metric
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def label_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Binary log loss of each column: (n, k) → (k,)."""
+    p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
+    y = np.asarray(y, np.float64)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(axis=0)
+
+
+def weighted_log_loss(y: np.ndarray, p: np.ndarray, weights=WEIGHT_VECTOR) -> float:
+    """RSNA 2019 metric: Σ_l w_l · logloss_l / Σ_l w_l over the six labels."""
+    w = np.asarray(weights, np.float64)
+    return float((label_log_loss(y, p) * w).sum() / w.sum())
+
+
+def prevalence_log_loss(y: np.ndarray, weights=WEIGHT_VECTOR) -> float:
+    """The weighted log loss of predicting each label's prevalence: the bar to beat."""
+    y = np.asarray(y, np.float64)
+    return weighted_log_loss(y, np.broadcast_to(y.mean(axis=0), y.shape), weights)
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, target_recall: float) -> float | None:
+    """The highest threshold t with recall(p ≥ t) ≥ target_recall; None without positives.
+
+    Recall only changes at the scores of positives: keeping the k highest-scoring positives,
+    k = ⌈R·P⌉, gives recall ≥ R, and the k-th highest positive score is the largest such t.
+    """
+    positives = np.sort(np.asarray(p)[np.asarray(y) > 0.5])[::-1]
+    if positives.size == 0:
+        return None
+    k = max(1, math.ceil(target_recall * positives.size - 1e-9))
+    return float(positives[k - 1])
+
+
+def choose_thresholds(y: np.ndarray, p: np.ndarray, target_recall: float | None) -> dict[str, float]:
+    """Per label: DEFAULT_THRESHOLDS, or the recall-first choice where validation has positives.
+    Clipped into (0, 1), the range a model card accepts."""
+    thresholds = dict(DEFAULT_THRESHOLDS)
+    if target_recall is None:
+        return thresholds
+    for i, label in enumerate(LABELS):
+        t = choose_threshold(y[:, i], p[:, i], target_recall)
+        if t is None:
+            log.warning("no %s positives in validation: keeping threshold %.2f", label, thresholds[label])
+            continue
+        thresholds[label] = float(min(max(t, 1e-7), 1 - 1e-7))
+    return thresholds
+
+
+def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """Recall, precision and specificity of `p ≥ threshold` (None where undefined)."""
+    from sklearn.metrics import confusion_matrix
+
+    y = np.asarray(y) > 0.5
+    predicted = np.asarray(p) >= threshold
+    tn, fp, fn, tp = confusion_matrix(y, predicted, labels=[False, True]).ravel()
+    ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
+    return {"recall": ratio(tp, tp + fn), "precision": ratio(tp, tp + fp),
+            "specificity": ratio(tn, tn + fp)}
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if 0 < np.sum(y) < len(y) else None
+
+
+def metrics(y: np.ndarray, p: np.ndarray, thresholds: dict[str, float]) -> dict:
+    """Everything the card and `training.evaluate` report, as plain JSON types."""
+    losses = label_log_loss(y, p)
+    per_label = {}
+    for i, label in enumerate(LABELS):
+        per_label[label] = {
+            "log_loss": float(losses[i]), "auc": auc(y[:, i], p[:, i]),
+            "threshold": float(thresholds[label]),
+            **operating_point(y[:, i], p[:, i], thresholds[label]),
+            "prevalence": float(np.mean(y[:, i])), "positives": int(np.sum(y[:, i])),
+        }
+    return {"weighted_log_loss": weighted_log_loss(y, p),
+            "prevalence_log_loss": prevalence_log_loss(y), "images": int(len(y)),
+            "per_label": per_label}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: dict[str, list[float]], path: Path) -> Path:
+    """Training and validation loss per epoch (and the validation weighted log loss)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("loss", "o-"), ("val_loss", "s-"), ("val_weighted_log_loss", "^--")):
+        if history.get(key):
+            ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("log loss")
+    ax.set_title("loss per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_precision_recall(y: np.ndarray, p: np.ndarray, thresholds: dict[str, float], path: Path) -> Path:
+    """Precision–recall curve per label, the chosen operating point marked."""
+    from sklearn.metrics import precision_recall_curve
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
+    for ax, (i, label) in zip(axes.ravel(), enumerate(LABELS)):
+        ax.set_title(label)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.grid(alpha=0.3)
+        if not 0 < y[:, i].sum() < len(y):
+            ax.text(0.5, 0.5, "one class only", ha="center")
+            continue
+        precision, recall, _ = precision_recall_curve(y[:, i], p[:, i])
+        ax.plot(recall, precision, lw=1.5)
+        point = operating_point(y[:, i], p[:, i], thresholds[label])
+        if point["recall"] is not None and point["precision"] is not None:
+            ax.plot(point["recall"], point["precision"], "ro")
+            ax.annotate(f"t={thresholds[label]:.3g}", (point["recall"], point["precision"]),
+                        textcoords="offset points", xytext=(-40, -14))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+def predict(forward, slices, decoder, batch_size: int = 32, workers: int = 2):
+    """Inference-mode probabilities of every decodable slice → (labels, probabilities).
+
+    Rows the decoder skips (and reports) are left out of both arrays, which stay aligned.
+    """
+    from training.data import dataset
+
+    rows, probs = [], []
+    for images, index in dataset(slices, decoder, batch_size, training=False, workers=workers):
+        probs.append(np.asarray(forward(images)))
+        rows.append(index.numpy())
+    if not rows:
+        empty = np.zeros((0, len(LABELS)), np.float32)
+        return empty, empty
+    return slices.labels[np.concatenate(rows)], np.concatenate(probs).astype(np.float32)
+
+
+def compiled_forward(model):
+    """A compiled inference-mode forward pass, traced once for any batch size (DESIGN §6:
+    much faster than `model.predict` per batch)."""
+    import tensorflow as tf
+
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
+def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
+                      batch_size: int = 32, workers: int = 2) -> dict:
+    """Score an artifact on an RSNA-layout folder with the thresholds of its card."""
+    from ich.model import load_artifact
+    from training.data import Decoder, read_trainset
+
+    model, card = load_artifact(model_dir)
+    trainset = read_trainset(data_dir)
+    decoder = Decoder(trainset.paths, card.input_size)
+    y, p = predict(compiled_forward(model), trainset, decoder, batch_size, workers)
+    if len(y) == 0:
+        raise ValueError(f"no decodable images in {data_dir}")
+    thresholds = {**DEFAULT_THRESHOLDS, **card.thresholds}
+    result = {"model": card.version, "data": str(data_dir), **metrics(y, p, thresholds),
+              "read": trainset.report(), "decode": decoder.report()}
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(plot_precision_recall(y, p, thresholds, plots / "precision_recall.png"))]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                     description="Evaluate a model artifact on an RSNA-layout folder; prints JSON.")
+    parser.add_argument("--model", required=True, type=Path, help="artifact folder (model.keras + model.json)")
+    parser.add_argument("--data", required=True, type=Path, help="folder with stage_2_train.csv + stage_2_train/")
+    parser.add_argument("--plots", type=Path, help="folder for the plots (default var/evaluate/<version>)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from ich.model import ArtifactError, ModelCard
+    from training.data import DataError
+
+    try:
+        plots = args.plots or Path("var/evaluate") / ModelCard.read(args.model).version
+        result = evaluate_artifact(args.model, args.data, plots, args.batch_size, args.workers)
+    except (ArtifactError, DataError, ValueError, OSError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Fit the model: the reference `MyDeepModel` API on top of our pipeline, and one full run.
+
+`MyDeepModel(...).fit_model(train_df, valid_df)` keeps the RSNA 2019 Keras baseline's API and
+defaults. What changes underneath: slices are decoded by `ich.imaging` (unreadable ones skipped,
+not blacked out), validation uses inference-mode predictions and the competition metric, the
+best epoch's weights are kept, and BatchNorm can be given a momentum that suits short runs from
+scratch (DESIGN §6: with 0.99 the running statistics never settle in a few hundred steps).
+
+`run(config)` is what `python -m training` does: data → split → fit → thresholds → artifact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ich.labels import LABELS, WEIGHT_VECTOR
+from training import evaluate
+from training.config import TrainConfig
+from training.data import Decoder, Slices, dataset, read_trainset, split
+
+log = logging.getLogger(__name__)
+
+
+def lr_schedule(learning_rate: float, decay_rate: float, decay_steps: int):
+    """Step decay of the reference: lr · decay_rate^floor(epoch / decay_steps)."""
+    def schedule(epoch: int, lr: float | None = None) -> float:
+        return float(learning_rate * decay_rate ** math.floor(epoch / decay_steps))
+    return schedule
+
+
+def weighted_bce(weights=WEIGHT_VECTOR):
+    """Binary cross-entropy with the RSNA label weights (`any` counts twice)."""
+    import keras
+
+    w = keras.ops.convert_to_tensor(np.asarray(weights, np.float32))
+
+    def weighted_binary_crossentropy(y_true, y_pred):
+        y_pred = keras.ops.clip(y_pred, 1e-7, 1 - 1e-7)
+        bce = -(y_true * keras.ops.log(y_pred) + (1 - y_true) * keras.ops.log(1 - y_pred))
+        return keras.ops.sum(bce * w, axis=-1) / keras.ops.sum(w)
+
+    return weighted_binary_crossentropy
+
+
+def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
+    """Per epoch: inference-mode predictions on the validation slices → `val_loss` (the mean
+    binary log loss) and `val_weighted_log_loss` (the RSNA metric) in the logs; the weights of
+    the best epoch by the latter are restored when training ends (the best checkpoint)."""
+    import keras
+
+    class Validation(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best, self.best_epoch, self.best_weights = math.inf, None, None
+            self.decoder = Decoder(valid.paths, model_wrapper.input_dims[0], cache=True)
+            self.y = self.p = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if model_wrapper.bn_recalibrate:
+                model_wrapper.recalibrate_batchnorm()
+            y, p = model_wrapper.predict(valid, self.decoder)
+            logs = logs if logs is not None else {}
+            logs["val_loss"] = float(evaluate.label_log_loss(y, p).mean())
+            logs["val_weighted_log_loss"] = score = evaluate.weighted_log_loss(y, p)
+            if model_wrapper.verbose:
+                print(f"epoch {epoch + 1}: val_loss {logs['val_loss']:.4f}, "
+                      f"val_weighted_log_loss {score:.4f}, any AUC {evaluate.auc(y[:, -1], p[:, -1])}",
+                      flush=True)
+            if score < self.best:
+                self.best, self.best_epoch = score, epoch + 1
+                # variable.value.numpy(): a copy, without Keras' numpy-2 __array__ warning per variable
+                self.best_weights = [v.value.numpy() for v in self.model.weights]
+                self.y, self.p = y, p
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return Validation()
+
+
+class MyDeepModel:
+    """The reference API. `engine` is a keras.applications constructor or its name; `weights`
+    is "imagenet", a local weights file, or None/"none" (from scratch)."""
+
+    def __init__(self, engine="InceptionV3", input_dims=(224, 224, 3), batch_size=32,
+                 learning_rate=3e-4, num_epochs=3, decay_rate=0.8, decay_steps=3,
+                 weights="imagenet", verbose=1, *, bn_momentum=None, loss="bce",
+                 steps_per_epoch=None, augment=True, bn_recalibrate=0, workers=2,
+                 cache=False, seed=42):
+        from ich.model import build_model
+
+        self.engine = engine if isinstance(engine, str) else engine.__name__
+        self.input_dims = tuple(input_dims)
+        self.batch_size, self.learning_rate = batch_size, learning_rate
+        self.num_epochs, self.decay_rate, self.decay_steps = num_epochs, decay_rate, decay_steps
+        self.weights = None if weights in (None, "none", "") else weights
+        self.verbose, self.loss, self.steps_per_epoch = verbose, loss, steps_per_epoch
+        self.augment, self.bn_recalibrate = augment, bn_recalibrate
+        self.workers, self.cache, self.seed = workers, cache, seed
+        self.model = build_model(self.engine, self.input_dims[0], self.weights, bn_momentum)
+        self.train_decoder = None
+        self.validation = None
+        self._forward = None
+        self._precise_bn = None
+        self._compile()
+
+    def _compile(self) -> None:
+        import keras
+
+        loss = weighted_bce() if self.loss == "weighted" else keras.losses.BinaryCrossentropy()
+        self.model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss)
+
+    def fit_model(self, train_df: Slices, valid_df: Slices):
+        """Train with step decay and per-epoch validation; returns the Keras History, whose
+        model holds the best epoch's weights."""
+        import keras
+
+        self.init_output_bias(train_df.prevalence())
+        self.train_decoder = Decoder(train_df.paths, self.input_dims[0], cache=self.cache)
+        train = dataset(train_df, self.train_decoder, self.batch_size, training=True,
+                        seed=self.seed, augment=self.augment, workers=self.workers)
+        self._train_df = train_df
+        steps = self.steps_per_epoch or max(1, math.ceil(len(train_df) / self.batch_size))
+        self.validation = validation_callback(self, valid_df)
+        callbacks = [
+            keras.callbacks.LearningRateScheduler(
+                lr_schedule(self.learning_rate, self.decay_rate, self.decay_steps)),
+            self.validation,
+        ]
+        return self.model.fit(train, epochs=self.num_epochs, steps_per_epoch=steps,
+                              callbacks=callbacks, verbose=self.verbose, shuffle=False)
+
+    def init_output_bias(self, prevalence) -> None:
+        """Start each sigmoid at its label's prevalence (bias = logit(prevalence)), so early
+        steps learn features instead of the class priors (Karpathy's "init well")."""
+        p = np.clip(np.asarray(prevalence, np.float64), 1e-3, 1 - 1e-3)
+        self.model.get_layer("ich").bias.assign(np.log(p / (1 - p)).astype(np.float32))
+
+    def predict(self, slices: Slices, decoder: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Inference-mode probabilities → (labels, probabilities) of the decodable slices."""
+        if self._forward is None:
+            self._forward = evaluate.compiled_forward(self.model)
+        decoder = decoder or Decoder(slices.paths, self.input_dims[0])
+        y, p = evaluate.predict(self._forward, slices, decoder, self.batch_size, self.workers)
+        if not len(y):
+            raise ValueError("no decodable validation slices")
+        return y, p
+
+    def recalibrate_batchnorm(self) -> None:
+        """Precise BatchNorm before validation: see `PreciseBatchNorm`."""
+        if self._precise_bn is None:
+            rows = np.random.default_rng(self.seed).permutation(len(self._train_df))
+            subset = self._train_df.take(rows[: self.bn_recalibrate * self.batch_size])
+            decoder = Decoder(subset.paths, self.input_dims[0], cache=True)
+            batches = dataset(subset, decoder, self.batch_size, training=False, workers=self.workers)
+            self._precise_bn = PreciseBatchNorm(self.model, batches.map(lambda images, rows: images))
+        self._precise_bn()
+
+
+class PreciseBatchNorm:
+    """Replace every BatchNorm's running mean and variance by their plain average over a fixed
+    set of unaugmented training batches under the current weights ("precise BN", Wu & Johnson
+    2021). An exponential average with few steps lags the weights it should describe, and the
+    inference-mode predictions of a network trained from scratch then swing from one epoch to
+    the next (DESIGN §6).
+
+    One compiled training-mode forward pass is traced with momentum 0, so each call leaves that
+    batch's statistics in the moving variables; they are summed here and their mean assigned.
+    """
+
+    def __init__(self, model, batches) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.model, self.batches = model, batches
+        self.layers = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+        saved = [layer.momentum for layer in self.layers]
+        try:
+            for layer in self.layers:
+                layer.momentum = 0.0
+            forward = tf.function(lambda images: model(images, training=True))
+            self.forward = forward.get_concrete_function(batches.element_spec)
+        finally:   # the training step was traced earlier and keeps its own momentum
+            for layer, momentum in zip(self.layers, saved):
+                layer.momentum = momentum
+
+    def __call__(self) -> None:
+        variables = [v for layer in self.layers for v in (layer.moving_mean, layer.moving_variance)]
+        sums, count = [np.zeros(v.shape, np.float64) for v in variables], 0
+        for images in self.batches:
+            self.forward(images)
+            for total, v in zip(sums, variables):
+                total += v.value.numpy()
+            count += 1
+        for total, v in zip(sums, variables):
+            v.assign((total / max(count, 1)).astype(np.float32))
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def default_version(engine: str) -> str:
+    return f"ich-{engine.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def prepare_data(config: TrainConfig) -> tuple[Path, dict]:
+    """The RSNA-layout folder to train on, generating phantoms first when asked."""
+    if config.data is not None:
+        return Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
+    from training import synthetic
+
+    lo, hi = config.synthetic_slices
+    folder = Path(config.synthetic_dir or
+                  f"data/synthetic/seed{config.seed}-studies{config.synthetic_studies}-slices{lo}-{hi}")
+    described = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
+                 "seed": config.seed, "slices": [lo, hi]}
+    if (folder / "stage_2_train.csv").is_file():
+        log.info("reusing the phantom dataset in %s", folder)
+        return folder, described
+    log.info("generating %d phantom studies in %s", config.synthetic_studies, folder)
+    summary = synthetic.generate(folder, config.synthetic_studies, config.seed,
+                                 slices=(lo, hi), workers=config.workers)
+    log.info("phantoms: %d slices, positive fraction %.3f in %.0f s", summary["slices"],
+             summary["positive_fraction"], summary["seconds"])
+    return folder, described
+
+
+def run(config: TrainConfig) -> Path:
+    """data → split → fit → recall-first thresholds → artifact (→ promote). Returns its folder."""
+    import keras
+
+    from ich.model import ModelCard, promote, save_artifact
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    folder, data_card = prepare_data(config)
+    trainset = read_trainset(folder)
+    train_idx, valid_idx = split(trainset, config.split)
+    train, valid = trainset.take(train_idx), trainset.take(valid_idx)
+    log.info("split %s: %d training, %d validation images", config.split, len(train), len(valid))
+
+    deep = MyDeepModel(
+        engine=config.engine, input_dims=(config.input_size, config.input_size, 3),
+        batch_size=config.batch_size, learning_rate=config.learning_rate,
+        num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
+        weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
+        loss=config.loss, steps_per_epoch=config.steps_per_epoch, augment=config.augment,
+        bn_recalibrate=config.bn_recalibrate, workers=config.workers, cache=config.cache,
+        seed=config.seed)
+    history = deep.fit_model(train, valid).history
+    y, p = deep.validation.y, deep.validation.p
+    thresholds = evaluate.choose_thresholds(y, p, config.target_recall)
+    results = evaluate.metrics(y, p, thresholds)
+    results.update(best_epoch=deep.validation.best_epoch, seconds=round(time.perf_counter() - started, 1))
+
+    card = ModelCard(
+        version=config.version or default_version(config.engine), engine=config.engine,
+        input_size=config.input_size, thresholds=thresholds, metrics=results,
+        data={**data_card, "split": config.split, "split_seed": 42,
+              "train_images": len(train), "validation_images": len(valid),
+              "validation_images_scored": int(len(y)), "read": trainset.report(),
+              "skipped_train": deep.train_decoder.report(),
+              "skipped_validation": deep.validation.decoder.report(),
+              "train_prevalence": dict(zip(LABELS, map(float, train.prevalence())))},
+        notes=_notes(config))
+    out = save_artifact(deep.model, card, Path(config.out))
+    write_extras(out, config, history, y, p, thresholds)
+    if config.promote:
+        promote(out, Path(config.out) / "current")
+        log.info("promoted %s to %s", out.name, Path(config.out) / "current")
+    return out
+
+
+def _notes(config: TrainConfig) -> str:
+    chosen = (f"per-label thresholds for validation recall >= {config.target_recall}"
+              if config.target_recall else "default thresholds (any 0.15)")
+    return (f"Trained from {'scratch' if config.weights in (None, 'none') else config.weights}; "
+            f"{config.split} split; {chosen}; metrics are inference-mode predictions on the "
+            "validation split at the best epoch. Positive means probability >= threshold.")
+
+
+def write_extras(folder: Path, config: TrainConfig, history: dict, y, p, thresholds) -> None:
+    """config.json, history.json and the plots, beside model.keras."""
+    (folder / "config.json").write_text(config.to_json())
+    clean = {k: [float(v) for v in values] for k, values in history.items()}
+    (folder / "history.json").write_text(json.dumps(clean, indent=2) + "\n")
+    evaluate.plot_history(clean, folder / "loss.png")
+    evaluate.plot_precision_recall(y, p, thresholds, folder / "precision_recall.png")
