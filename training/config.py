@@ -84,16 +84,16 @@ class TrainConfig:
 
 #: The measured recipe for phantom data on 2 CPU cores (see docs/training.md for the runs).
 SYNTHETIC_RECIPE: dict[str, Any] = {
-    "split": "study",
-    "input_size": 128,
-    "bn_momentum": 0.9,
+    "split": "study",            # validation on unseen heads
+    "input_size": 128,           # the smallest size the acceptance allows: 2 s/step at batch 32
+    "bn_momentum": 0.9,          # running statistics that follow a fast-moving network...
+    "bn_recalibrate": 10,        # ...and are recomputed exactly before every validation
     "learning_rate": 1e-3,
-    "epochs": 8,
-    "decay_rate": 0.7,
-    "decay_steps": 2,
-    "steps_per_epoch": 36,
-    "bn_recalibrate": 0,
-    "cache": True,
+    "epochs": 5,
+    "steps_per_epoch": 60,       # 300 steps x 32 = 9,600 images: ~2 passes over 200 studies
+    "decay_rate": 0.7,           # lr 1e-3 -> 2.4e-4 by the last epoch
+    "decay_steps": 1,
+    "cache": True,               # phantoms fit in memory at 128²; later epochs skip decoding
     "target_recall": 0.95,
 }
 

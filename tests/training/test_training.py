@@ -41,7 +41,7 @@ def test_artifact_loads_and_scores_windows(run):
     assert card.version == "tiny-1" and card.input_size == 75 and card.labels == list(LABELS)
     x = np.random.default_rng(0).random((2, 75, 75, 3), np.float32)
     p = np.asarray(model(x, training=False))
-    assert p.shape == (2, 6) and np.all((p > 0) & (p < 1))
+    assert p.shape == (2, 6) and np.all(np.isfinite(p) & (p >= 0) & (p <= 1))  # may saturate
 
 
 def test_promote_points_current_at_the_new_version(run):
