@@ -243,13 +243,27 @@ def augmenter(seed: int):
     ], name="augment")
 
 
+def positive_odds_ratio(slices: Slices, positive_fraction: float | None) -> float:
+    """How much `positive_fraction` sampling multiplies a slice's odds of being `any`-positive
+    (per-slice sampling weight of positives ÷ that of negatives); 1.0 for natural sampling."""
+    positives = int(slices.labels[:, -1].sum())
+    if positive_fraction is None or positives in (0, len(slices)):
+        return 1.0
+    return positive_fraction * (len(slices) - positives) / ((1 - positive_fraction) * positives)
+
+
 def dataset(slices: Slices, decoder: Decoder, batch_size: int, *, training: bool,
-            seed: int = 0, augment: bool = False, workers: int = 2):
+            seed: int = 0, augment: bool = False, workers: int = 2,
+            positive_fraction: float | None = None):
     """A tf.data pipeline over `slices`: parallel decode → drop skipped slices → batch.
 
     Training: reshuffled every epoch, repeated forever (use steps_per_epoch), full batches only
-    (a 3-image batch would upset BatchNorm), augmented. Otherwise: in order, once, yielding
-    `(image, row index)` so predictions can be matched to labels after skips.
+    (a 3-image batch would upset BatchNorm), augmented; with `positive_fraction`, that share of
+    the images is drawn from the `any`-positive slices (rare bleeds are seen more often within
+    a fixed step budget; the trainer undoes the prior shift, see `positive_odds_ratio`), unless
+    the slices are all positive or all negative.
+    Otherwise: in order, once, yielding `(image, row index)` so predictions can be matched to
+    labels after skips.
     """
     import tensorflow as tf
 
@@ -262,9 +276,19 @@ def dataset(slices: Slices, decoder: Decoder, batch_size: int, *, training: bool
         ok.set_shape(())
         return image, ok, index
 
-    ds = tf.data.Dataset.range(len(slices))
-    if training:
-        ds = ds.shuffle(len(slices), seed=seed, reshuffle_each_iteration=True).repeat()
+    def shuffled(rows, offset=0):
+        return (tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))
+                .shuffle(len(rows), seed=seed + offset, reshuffle_each_iteration=True).repeat())
+
+    positive = slices.labels[:, -1] > 0.5
+    if training and positive_fraction is not None and 0 < positive.sum() < len(slices):
+        ds = tf.data.Dataset.sample_from_datasets(
+            [shuffled(np.flatnonzero(positive)), shuffled(np.flatnonzero(~positive), 1)],
+            weights=[positive_fraction, 1 - positive_fraction], seed=seed)
+    elif training:
+        ds = shuffled(np.arange(len(slices)))
+    else:
+        ds = tf.data.Dataset.range(len(slices))
     ds = ds.map(decode, num_parallel_calls=workers, deterministic=True)
     ds = ds.filter(lambda image, ok, index: ok)
     if training:

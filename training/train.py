@@ -10,6 +10,7 @@ scratch (DESIGN §6: with 0.99 the running statistics never settle in a few hund
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import numpy as np
 from ich.labels import LABELS, WEIGHT_VECTOR
 from training import evaluate
 from training.config import TrainConfig
-from training.data import Decoder, Slices, dataset, read_trainset, split
+from training.data import Decoder, Slices, dataset, positive_odds_ratio, read_trainset, split
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,14 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
             self.y = self.p = None
 
         def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            if epoch + 1 < model_wrapper.validate_from:   # early epochs are never the best:
+                logs["val_loss"] = logs["val_weighted_log_loss"] = math.nan   # spend it training
+                return
             if model_wrapper.bn_recalibrate:
                 model_wrapper.recalibrate_batchnorm()
-            y, p = model_wrapper.predict(valid, self.decoder)
-            logs = logs if logs is not None else {}
+            with model_wrapper.prior_corrected():
+                y, p = model_wrapper.predict(valid, self.decoder)
             logs["val_loss"] = float(evaluate.label_log_loss(y, p).mean())
             logs["val_weighted_log_loss"] = score = evaluate.weighted_log_loss(y, p)
             if model_wrapper.verbose:
@@ -80,6 +85,7 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
         def on_train_end(self, logs=None):
             if self.best_weights is not None:
                 self.model.set_weights(self.best_weights)
+            model_wrapper.correct_priors()     # the exported model predicts population priors
 
     return Validation()
 
@@ -91,8 +97,8 @@ class MyDeepModel:
     def __init__(self, engine="InceptionV3", input_dims=(224, 224, 3), batch_size=32,
                  learning_rate=3e-4, num_epochs=3, decay_rate=0.8, decay_steps=3,
                  weights="imagenet", verbose=1, *, bn_momentum=None, loss="bce",
-                 steps_per_epoch=None, augment=True, bn_recalibrate=0, workers=2,
-                 cache=False, seed=42):
+                 steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
+                 positive_fraction=None, workers=2, cache=False, seed=42):
         from ich.model import build_model
 
         self.engine = engine if isinstance(engine, str) else engine.__name__
@@ -102,6 +108,9 @@ class MyDeepModel:
         self.weights = None if weights in (None, "none", "") else weights
         self.verbose, self.loss, self.steps_per_epoch = verbose, loss, steps_per_epoch
         self.augment, self.bn_recalibrate = augment, bn_recalibrate
+        self.validate_from = min(validate_from, num_epochs)
+        self.positive_fraction = positive_fraction
+        self.logit_shift = 0.0     # log odds ratio of the training sampler (0: natural sampling)
         self.workers, self.cache, self.seed = workers, cache, seed
         self.model = build_model(self.engine, self.input_dims[0], self.weights, bn_momentum)
         self.train_decoder = None
@@ -121,10 +130,12 @@ class MyDeepModel:
         model holds the best epoch's weights."""
         import keras
 
-        self.init_output_bias(train_df.prevalence())
+        self.logit_shift = math.log(positive_odds_ratio(train_df, self.positive_fraction))
+        self.init_output_bias(train_df.prevalence(), self.logit_shift)
         self.train_decoder = Decoder(train_df.paths, self.input_dims[0], cache=self.cache)
         train = dataset(train_df, self.train_decoder, self.batch_size, training=True,
-                        seed=self.seed, augment=self.augment, workers=self.workers)
+                        seed=self.seed, augment=self.augment, workers=self.workers,
+                        positive_fraction=self.positive_fraction)
         self._train_df = train_df
         steps = self.steps_per_epoch or max(1, math.ceil(len(train_df) / self.batch_size))
         self.validation = validation_callback(self, valid_df)
@@ -136,11 +147,31 @@ class MyDeepModel:
         return self.model.fit(train, epochs=self.num_epochs, steps_per_epoch=steps,
                               callbacks=callbacks, verbose=self.verbose, shuffle=False)
 
-    def init_output_bias(self, prevalence) -> None:
-        """Start each sigmoid at its label's prevalence (bias = logit(prevalence)), so early
-        steps learn features instead of the class priors (Karpathy's "init well")."""
+    def init_output_bias(self, prevalence, shift: float = 0.0) -> None:
+        """Start each sigmoid at its label's prevalence as the sampler shows it (bias =
+        logit(prevalence) + shift), so early steps learn features instead of the class priors
+        (Karpathy's "init well")."""
         p = np.clip(np.asarray(prevalence, np.float64), 1e-3, 1 - 1e-3)
-        self.model.get_layer("ich").bias.assign(np.log(p / (1 - p)).astype(np.float32))
+        self.model.get_layer("ich").bias.assign((np.log(p / (1 - p)) + shift).astype(np.float32))
+
+    @contextlib.contextmanager
+    def prior_corrected(self):
+        """The output biases minus the sampler's log odds ratio, for inference on data with the
+        population's priors (King & Zeng's prior correction). Exact for `any`, on which the
+        sampler draws; for a subtype exact wherever the slice has no other bleed, the common
+        case. Restored on exit, so training continues from its own biases."""
+        bias, shift = self.model.get_layer("ich").bias, np.float32(self.logit_shift)
+        bias.assign(bias.value - shift)
+        try:
+            yield
+        finally:
+            bias.assign(bias.value + shift)
+
+    def correct_priors(self) -> None:
+        """Make `prior_corrected` permanent (end of training)."""
+        bias = self.model.get_layer("ich").bias
+        bias.assign(bias.value - np.float32(self.logit_shift))
+        self.logit_shift = 0.0
 
     def predict(self, slices: Slices, decoder: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Inference-mode probabilities → (labels, probabilities) of the decodable slices."""
@@ -258,7 +289,9 @@ def run(config: TrainConfig) -> Path:
         num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
         weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
         loss=config.loss, steps_per_epoch=config.steps_per_epoch, augment=config.augment,
-        bn_recalibrate=config.bn_recalibrate, workers=config.workers, cache=config.cache,
+        bn_recalibrate=config.bn_recalibrate, validate_from=config.validate_from,
+        positive_fraction=config.positive_fraction,
+        workers=config.workers, cache=config.cache,
         seed=config.seed)
     history = deep.fit_model(train, valid).history
     y, p = deep.validation.y, deep.validation.p
@@ -296,6 +329,7 @@ def write_extras(folder: Path, config: TrainConfig, history: dict, y, p, thresho
     """config.json, history.json and the plots, beside model.keras."""
     (folder / "config.json").write_text(config.to_json())
     clean = {k: [float(v) for v in values] for k, values in history.items()}
-    (folder / "history.json").write_text(json.dumps(clean, indent=2) + "\n")
+    as_json = {k: [None if math.isnan(v) else v for v in values] for k, values in clean.items()}
+    (folder / "history.json").write_text(json.dumps(as_json, indent=2) + "\n")
     evaluate.plot_history(clean, folder / "loss.png")
     evaluate.plot_precision_recall(y, p, thresholds, folder / "precision_recall.png")

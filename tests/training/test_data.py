@@ -150,3 +150,45 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
         config.load(["--config", str(toml), "--data", "d"])
     with pytest.raises(SystemExit):
         config.load(["--data", "d", "--split", "patient"])
+
+
+def test_positive_fraction_oversamples_bleeding_slices(phantoms):
+    root, broken = phantoms
+    ts = data.read_trainset(root)
+    ts = ts.take(np.flatnonzero([i not in broken for i in ts.ids]))
+    labels = np.zeros_like(ts.labels)
+    labels[:3] = 1.0                                  # 3 of 22 slices bleed: natural share 0.14
+    constructed = data.Slices(ts.ids, ts.paths, labels)
+    decoder = data.Decoder(constructed.paths, 75, cache=True)
+
+    def share(fraction):
+        batches = data.dataset(constructed, decoder, 8, training=True, seed=5,
+                               positive_fraction=fraction).take(40)
+        return float(np.mean([y.numpy()[:, -1].mean() for _, y in batches]))
+
+    assert share(None) == pytest.approx(3 / 22, abs=0.05)
+    assert share(0.5) == pytest.approx(0.5, abs=0.08)
+    # per-slice odds of drawing a positive: (0.5 / 3) / (0.5 / 19)
+    assert data.positive_odds_ratio(constructed, 0.5) == pytest.approx(19 / 3)
+    assert data.positive_odds_ratio(constructed, None) == 1.0
+    assert data.positive_odds_ratio(data.Slices(ts.ids, ts.paths, np.ones_like(labels)), 0.5) == 1.0
+
+
+def test_prior_correction_shifts_every_logit_back_and_can_be_made_permanent():
+    deep = MyDeepModel(input_dims=(75, 75, 3), weights=None, verbose=0)
+    deep.logit_shift = float(np.log(4.0))
+    x = np.random.default_rng(0).random((2, 75, 75, 3), np.float32)
+
+    def logits():
+        p = np.clip(deep.model(x, training=False).numpy().astype(np.float64), 1e-12, 1 - 1e-12)
+        return np.log(p / (1 - p))
+
+    before = logits()
+    with deep.prior_corrected():
+        corrected = logits()
+    np.testing.assert_allclose(corrected, before - np.log(4.0), atol=1e-3)
+    np.testing.assert_allclose(logits(), before, atol=1e-5)        # restored for training
+    deep.correct_priors()
+    np.testing.assert_allclose(logits(), before - np.log(4.0), atol=1e-3)
+    with deep.prior_corrected():                                   # nothing left to correct
+        np.testing.assert_allclose(logits(), before - np.log(4.0), atol=1e-3)
