@@ -1,10 +1,12 @@
 """Listener throughput against DCMTK's storescp, measured in one run (a benchmark, not a test).
 
 Sends the same 512×512 CT phantom slices with DCMTK `storescu` (one association, TCP_NODELAY
-on, as DESIGN §6 measured) to (a) DCMTK `storescp` writing files to disk and (b) our listener
-queueing into a private Redis, then (c) from 4 concurrent `storescu` to one listener process and (d) to two processes sharing
-the port (SO_REUSEPORT). Prints
-instances/s, the ratios, the handler p99 from the listener's own histogram, and its peak RSS.
+on, as DESIGN §6 measured) to (a) DCMTK `storescp` writing files to disk, (b) a bare pynetdicom
+SCP whose handler only returns Success (the ceiling of any pynetdicom listener; same socket
+settings as ours) and (c) our listener queueing into a private Redis, then (d) from 4 concurrent
+`storescu` to one listener process and (e) to two processes sharing the port (SO_REUSEPORT).
+Prints instances/s, the ratios, the handler p99 from the listener's own histogram, and its
+peak RSS.
 
     .venv/bin/python bench/bench_listener.py [--n 500]
 """
@@ -30,6 +32,23 @@ from tests.services import (  # noqa: E402
 from training.synthetic import make_study, to_bytes  # noqa: E402
 
 ENV = {"TCP_NODELAY": "1", "PATH": os.environ["PATH"]}
+
+#: (b): pynetdicom with our AE, PDU size, Nagle off and bulk reads, and a handler that stores
+#: nothing: what pynetdicom itself costs per instance.
+BARE_SCP = """
+import socket, sys, threading
+from pynetdicom import evt
+from dicom_listener import server
+from ich.settings import Settings
+
+def nodelay(event):
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+settings = Settings.from_env(dicom_port=int(sys.argv[1]), dicom_host="127.0.0.1")
+server.start(server.build_ae(settings), settings,
+             [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_C_STORE, lambda event: 0x0000)])
+threading.Event().wait()
+"""
 
 
 def write_slices(folder: Path, n: int) -> list[Path]:
@@ -88,6 +107,17 @@ def main() -> None:
         scp.terminate()
         scp.wait()
 
+        port = free_port()
+        bare = subprocess.Popen([sys.executable, "-c", BARE_SCP, str(port)],
+                                cwd=Path(__file__).resolve().parents[1],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port, timeout=30)
+            bare_s = timed_send(port, "ICHWATCH", [files])
+        finally:
+            bare.terminate()
+            bare.wait()
+
         server = RedisServer(tmp / "redis").start()
         client = redis.Redis.from_url(server.url)
         dicom = free_port()
@@ -123,8 +153,10 @@ def main() -> None:
         n = len(files)
         rate_dcmtk, rate_one, rate_four = n / dcmtk_s, n / one_s, n / four_s
         print(f"DCMTK storescp -> disk, 1 association : {rate_dcmtk:7.1f} instances/s")
+        print(f"bare pynetdicom SCP,   1 association : {n / bare_s:7.1f} instances/s  "
+              f"(ratio to storescp {n / bare_s / rate_dcmtk:.2f})")
         print(f"listener -> Redis,     1 association : {rate_one:7.1f} instances/s  "
-              f"(ratio to storescp {rate_one / rate_dcmtk:.2f})")
+              f"(ratio to storescp {rate_one / rate_dcmtk:.2f}, to bare pynetdicom {rate_one * bare_s / n:.2f})")
         print(f"listener -> Redis,     4 associations: {rate_four:7.1f} instances/s  "
               f"(x{rate_four / rate_one:.2f} of one association)")
         print(f"2 listener processes, 4 assoc: {n / two_procs_s:7.1f} instances/s  "

@@ -3,6 +3,7 @@ training.data (parallel decode with ich.imaging + augmentation, no cache) ÷ ima
 `fit` on in-memory tensors: same model, batch size and run. Target ≥ 0.8 (a benchmark, not a test).
 
     .venv/bin/python bench/bench_training.py [--size 128] [--batch 32] [--steps 12] [--rounds 2]
+                                             [--blas-threads 1]
 
 The model is traced once on in-memory data; then the two feeds alternate for `rounds` rounds of
 `steps` timed steps each (the first step of each fit is dropped), and medians are compared.
@@ -29,7 +30,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="BLAS threads per process, as MyDeepModel.fit_model sets (0: leave as is)")
     args = parser.parse_args()
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.blas_threads, user_api="blas")
 
     import keras
     import tensorflow as tf
@@ -47,7 +53,8 @@ def main() -> None:
     n = (args.steps + 1) * args.batch
     slices = slices.take(np.arange(min(len(slices), n)))
     print(f"{len(slices)} slices from {data}, {args.size}², batch {args.batch}, "
-          f"{args.workers} decode workers, {tf.config.threading.get_intra_op_parallelism_threads() or 'all'} TF threads")
+          f"{args.workers} decode workers, BLAS threads {args.blas_threads or 'default'}, "
+          f"{tf.config.threading.get_intra_op_parallelism_threads() or 'all'} TF threads")
 
     decoder = Decoder(slices.paths, args.size)
     x = np.stack([decoder(i)[0] for i in range(len(slices))])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import redis
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
 from dicom_listener import policy
@@ -74,7 +75,7 @@ class Handlers:
         request = event.request
         try:
             ds = event.dataset
-            ds.file_meta = event.file_meta  # carries the negotiated transfer syntax
+            ds.file_meta = file_meta = event.file_meta  # carries the negotiated transfer syntax
             decision = policy.classify(ds, request.AffectedSOPClassUID,
                                        request.AffectedSOPInstanceUID)
             meta = (policy.slice_meta(ds, _ae(event), received_at=time.time())
@@ -94,7 +95,7 @@ class Handlers:
             return self._reject(decision.reason, decision.status)
 
         try:
-            self.queue.enqueue(event.encoded_dataset(), meta)
+            self.queue.enqueue(part10(request, file_meta), meta)
         except QueueFull as exc:
             log.warning("C-STORE from %s: refused, %s (ICH_MAX_QUEUE)", _ae(event), exc)
             return self._reject("queue_full", policy.OUT_OF_RESOURCES)
@@ -143,6 +144,14 @@ class Handlers:
                  "ignored %d, rejected %d", stats.calling_ae, stats.peer,
                  time.monotonic() - stats.started, c["received"], c["queued"], c["ignored"],
                  c["rejected"])
+
+
+def part10(request, file_meta) -> bytes:
+    """The instance as received, as a DICOM Part 10 file (PS3.10 §7.1: preamble, "DICM", file
+    meta, data set): what `Event.encoded_dataset()` returns, without building the file meta a
+    second time or copying the data set out of its buffer first."""
+    with request.DataSet.getbuffer() as data_set:
+        return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), data_set))
 
 
 def _ae(event: Event) -> str:

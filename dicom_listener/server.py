@@ -10,7 +10,7 @@ import time
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pydicom.uid import UID
 
 from ich.settings import Settings
@@ -71,11 +71,41 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class BulkRecvSocket(AssociationSocket):
+    """pynetdicom reads a PDU in 4 KiB `recv` calls appended to a bytearray: 130 calls and
+    copies per 512² slice. One preallocated buffer filled by `recv_into` reads the same bytes
+    in 2.8× less time (bench/bench_listener.py); the contract (return what arrived before the
+    peer closed) is unchanged."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buffer = bytearray(nr_bytes)
+        view, got = memoryview(buffer), 0
+        while got < nr_bytes:
+            n = self.socket.recv_into(view[got:], nr_bytes - got)
+            if not n:  # connection closed: what we have so far
+                del view
+                del buffer[got:]
+                return buffer
+            got += n
+        return buffer
+
+
+class ListenerRequestHandler(RequestHandler):
+    def _create_association(self):
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = BulkRecvSocket   # same object, faster recv
+        return assoc
+
+
 class ListenerServer(ThreadedAssociationServer):
-    """pynetdicom's server with two changes. SO_REUSEPORT: several listener processes can bind
-    the same DICOM port and the kernel spreads associations across them (one pynetdicom
+    """pynetdicom's server with three changes. SO_REUSEPORT: several listener processes can
+    bind the same DICOM port and the kernel spreads associations across them (one pynetdicom
     process uses about one core, so concurrent senders scale with processes, DESIGN §6).
-    And the TLS handshake moves out of the accept loop."""
+    The TLS handshake moves out of the accept loop. Sockets read PDUs in bulk."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.RequestHandlerClass = ListenerRequestHandler
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):

@@ -98,7 +98,7 @@ SYNTHETIC_RECIPE: dict[str, Any] = {
     "decay_steps": 1,
     "bn_momentum": 0.9,          # running statistics that follow a fast-moving network...
     "bn_recalibrate": 10,        # ...and are recomputed exactly before every validation
-    "validate_from": 3,          # epochs 1-2 are never the best; their validation time trains
+    "validate_from": 4,          # epochs 1-3 are never the best; their validation time trains
     "cache": True,               # phantoms fit in memory at 128²; later epochs skip decoding
     "target_recall": 0.95,
 }

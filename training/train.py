@@ -129,7 +129,11 @@ class MyDeepModel:
         """Train with step decay and per-epoch validation; returns the Keras History, whose
         model holds the best epoch's weights."""
         import keras
+        from threadpoolctl import threadpool_limits
 
+        # The decoders run in parallel threads next to TensorFlow: one BLAS thread each, as in
+        # the worker (a multi-threaded BLAS per resize oversubscribed the cores, DESIGN §7).
+        threadpool_limits(1, user_api="blas")
         self.logit_shift = math.log(positive_odds_ratio(train_df, self.positive_fraction))
         self.init_output_bias(train_df.prevalence(), self.logit_shift)
         self.train_decoder = Decoder(train_df.paths, self.input_dims[0], cache=self.cache)

@@ -160,7 +160,10 @@ def test_queue_limit_answers_out_of_resources(listener_factory, redis_url):
     study, series = generate_uid(), generate_uid()
     got = statuses(listener.port, [ct_slice(n, study, series) for n in range(4)])
     assert got == [0, 0, 0xA700, 0xA700]
-    assert redis.Redis.from_url(redis_url).llen(keys.SCORE_QUEUE) == 2
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen(keys.SCORE_QUEUE) == 2
+    stored = list(client.scan_iter(keys.slice_bytes("*")))   # refused slices leave no bytes
+    assert len(stored) == 2 and all(client.ttl(k) > 0 for k in stored)
     assert listener.metrics()['ich_instances_rejected_total{reason="queue_full"}'] == 2
 
 
