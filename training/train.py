@@ -92,11 +92,13 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
 
 class MyDeepModel:
     """The reference API. `engine` is a keras.applications constructor or its name; `weights`
-    is "imagenet", a local weights file, or None/"none" (from scratch)."""
+    is "imagenet" (Keras downloads them where the internet is reachable), a local weights file,
+    or None/"none": from scratch, the default, because nothing can be downloaded offline. The
+    reference's call passes weights="imagenet" explicitly and still works where it can."""
 
     def __init__(self, engine="InceptionV3", input_dims=(224, 224, 3), batch_size=32,
                  learning_rate=3e-4, num_epochs=3, decay_rate=0.8, decay_steps=3,
-                 weights="imagenet", verbose=1, *, bn_momentum=None, loss="bce",
+                 weights=None, verbose=1, *, bn_momentum=None, loss="bce",
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, cache=False, seed=42):
         from ich.model import build_model

@@ -126,7 +126,7 @@ def test_reference_api_keeps_its_defaults():
     assert defaults["input_dims"] == (224, 224, 3) and defaults["batch_size"] == 32
     assert defaults["learning_rate"] == 3e-4 and defaults["num_epochs"] == 3
     assert defaults["decay_rate"] == 0.8 and defaults["decay_steps"] == 3
-    assert defaults["weights"] == "imagenet" and defaults["verbose"] == 1
+    assert defaults["weights"] is None and defaults["verbose"] == 1   # offline: from scratch
 
 
 def test_config_precedence_reference_recipe_file_flags(tmp_path):
