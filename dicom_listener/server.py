@@ -8,7 +8,7 @@ import ssl
 import threading
 import time
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pydicom.uid import UID
@@ -41,6 +41,11 @@ assert set(TRANSFER_SYNTAXES) <= set(ALL_TRANSFER_SYNTAXES)
 MAX_PDU = 128 * 1024
 #: How long SIGTERM waits for in-flight associations before aborting them.
 DRAIN_S = 30.0
+#: How long a new connection may stay silent before its A-ASSOCIATE-RQ (the ARTIM timer of
+#: PS3.8 §9.1.5 on an accepted connection). Senders request at once; load-balancer and
+#: Kubernetes TCP probes never do, and pynetdicom counts each against ICH_MAX_ASSOCIATIONS until
+#: this expires. After the request arrives the full ICH_DICOM_TIMEOUT_S applies again.
+ASSOCIATE_RQ_TIMEOUT_S = 5.0
 
 
 def build_ae(settings: Settings) -> AE:
@@ -94,7 +99,15 @@ class ListenerRequestHandler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = BulkRecvSocket   # same object, faster recv
+        full = assoc.acse_timeout
+        if full is None or full > ASSOCIATE_RQ_TIMEOUT_S:
+            assoc.acse_timeout = ASSOCIATE_RQ_TIMEOUT_S   # also the ARTIM timer
+            assoc.bind(evt.EVT_REQUESTED, _restore_acse_timeout, [full])
         return assoc
+
+
+def _restore_acse_timeout(event, timeout) -> None:
+    event.assoc.acse_timeout = timeout
 
 
 class ListenerServer(ThreadedAssociationServer):

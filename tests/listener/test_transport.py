@@ -73,3 +73,27 @@ def test_slices_larger_than_one_pdu_arrive_intact(listener, redis_url):
         stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
             client.get(keys.slice_bytes(by_uid[ds.SOPInstanceUID]))))
         np.testing.assert_array_equal(stored.pixel_array, ds.pixel_array)
+
+
+def test_silent_connections_are_closed_early_and_free_their_slots(listener_factory):
+    """TCP probes (load balancers, Kubernetes) connect and never send an A-ASSOCIATE-RQ;
+    pynetdicom counts each against ICH_MAX_ASSOCIATIONS until its ARTIM timer expires."""
+    import socket
+
+    from dicom_listener.server import ASSOCIATE_RQ_TIMEOUT_S
+
+    listener = listener_factory(ICH_MAX_ASSOCIATIONS="2")   # ICH_DICOM_TIMEOUT_S is 10 here
+    probes = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(3)]
+    started = time.monotonic()
+    for probe in probes:
+        probe.settimeout(20)
+        try:
+            assert probe.recv(1) == b""                   # closed by the listener
+        except ConnectionResetError:
+            pass
+        finally:
+            probe.close()
+    waited = time.monotonic() - started
+    assert ASSOCIATE_RQ_TIMEOUT_S - 1 < waited < 9.0, f"probes closed after {waited:.1f} s"
+    study, series = generate_uid(), generate_uid()
+    assert statuses(listener.port, [ct_slice(0, study, series)]) == [0]   # slots are free again
