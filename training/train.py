@@ -94,7 +94,7 @@ class MyDeepModel:
     """The reference API. `engine` is a keras.applications constructor or its name; `weights`
     is "imagenet" (Keras downloads them where the internet is reachable), a local weights file,
     or None/"none": from scratch, the default, because nothing can be downloaded offline. The
-    reference's call passes weights="imagenet" explicitly and still works where it can."""
+    reference's call asks for the ImageNet weights explicitly and still works where it can."""
 
     def __init__(self, engine="InceptionV3", input_dims=(224, 224, 3), batch_size=32,
                  learning_rate=3e-4, num_epochs=3, decay_rate=0.8, decay_steps=3,
