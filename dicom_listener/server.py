@@ -79,8 +79,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 class BulkRecvSocket(AssociationSocket):
     """pynetdicom reads a PDU in 4 KiB `recv` calls appended to a bytearray: 130 calls and
     copies per 512² slice. One preallocated buffer filled by `recv_into` reads the same bytes
-    in 2.8× less time (bench/bench_listener.py); the contract (return what arrived before the
-    peer closed) is unchanged."""
+    in 2.8× less time (0.82 → 0.29 ms per 512 KiB on loopback); the contract (return what
+    arrived before the peer closed) is unchanged."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         buffer = bytearray(nr_bytes)

@@ -4,7 +4,7 @@ The listener may return Success only after Redis holds both the slice bytes and 
 (DESIGN §4). One MULTI/EXEC transaction, one round trip: SET of the bytes (with a TTL, so an
 orphan cannot leak memory), then a small Lua script that checks the depth and LPUSHes the message
 or, over ICH_MAX_QUEUE, deletes the bytes again. The bytes stay out of the script: passing half
-a megabyte through Lua copies it twice and made the enqueue 75 % slower (bench/bench_listener.py).
+a megabyte through Lua copies it twice (measured: 2.8 ms per 512 KiB slice against 1.7 ms).
 
 The message is a Celery protocol-2 task message in kombu's Redis transport format, built with
 Celery's own `as_task_v2`, so the worker's `Batches` task consumes it like any other; the
