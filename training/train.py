@@ -166,18 +166,21 @@ class MyDeepModel:
         population's priors (King & Zeng's prior correction). Exact for `any`, on which the
         sampler draws; for a subtype exact wherever the slice has no other bleed, the common
         case. Restored on exit, so training continues from its own biases."""
-        bias, shift = self.model.get_layer("ich").bias, np.float32(self.logit_shift)
-        bias.assign(bias.value - shift)
+        shift = self.logit_shift
+        self._add_to_output_bias(-shift)
         try:
             yield
         finally:
-            bias.assign(bias.value + shift)
+            self._add_to_output_bias(shift)
 
     def correct_priors(self) -> None:
         """Make `prior_corrected` permanent (end of training)."""
-        bias = self.model.get_layer("ich").bias
-        bias.assign(bias.value - np.float32(self.logit_shift))
+        self._add_to_output_bias(-self.logit_shift)
         self.logit_shift = 0.0
+
+    def _add_to_output_bias(self, delta: float) -> None:
+        bias = self.model.get_layer("ich").bias
+        bias.assign(bias.value + np.float32(delta))
 
     def predict(self, slices: Slices, decoder: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Inference-mode probabilities → (labels, probabilities) of the decodable slices."""
