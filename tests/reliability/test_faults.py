@@ -11,6 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE as SCU
 
+from ich import keys
 from tests.ctfactory import ct_dataset, lesion_hu
 from tests.modelfactory import blood_detector
 from tests.pipeline import Pipeline, ScriptedReceiver
@@ -60,7 +61,14 @@ def test_worker_killed_mid_batch_loses_nothing_and_alerts_once(make_pipeline):
     assert scored_at_kill < 360, "everything was scored before the kill: the test proved nothing"
     p.scoring.start(wait_port=p.score_metrics, timeout=120)
     # Restart (TensorFlow import, model load) + visibility timeout + one restore sweep + scoring.
-    wait_until(lambda: total() == 360, 60, "slices lost after the worker was killed")
+    try:
+        wait_until(lambda: total() == 360, 90, "slices lost after the worker was killed")
+    except TimeoutError:   # say where the missing ones are: queued, unacked, or gone
+        c = p.client
+        raise AssertionError(
+            f"{total()}/360 scored 90 s after the restart; score queue {c.llen(keys.SCORE_QUEUE)}, "
+            f"unacked {c.hlen('unacked')}, slice bytes left {len(list(c.scan_iter(keys.slice_bytes('*'))))}"
+        ) from None
     recovery = time.monotonic() - killed
     time.sleep(2.0)  # a duplicate alert would arrive now
     for study in studies:
