@@ -1,7 +1,8 @@
 """The model and its artifact: what training writes and what workers load (DESIGN §3).
 
 An artifact is a folder `models/<version>/` holding `model.keras` and `model.json` (the model
-card: labels in order, input size, windows, thresholds, metrics, training data). `models/current`
+card: labels in order, input size, windows, the study rule and its thresholds, metrics, training
+data). `models/current`
 is a symlink to the version in service; `promote()` swaps it atomically.
 
 The network takes the windowed image of `ich.imaging` in [0, 1]; the scaling each Keras engine
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ich.decision import RuleError, StudyRule
 from ich.imaging import WINDOWS
 from ich.labels import DEFAULT_THRESHOLDS, LABELS
 
@@ -51,7 +53,11 @@ class ModelCard:
     labels: list[str] = field(default_factory=lambda: list(LABELS))
     windows: list[dict[str, float]] = field(
         default_factory=lambda: [w._asdict() for w in WINDOWS])
+    # Per label, on the study score of `study_rule` (ich.decision): what the worker applies.
     thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    # A card written before study rules existed reads as "max", which is what it did.
+    study_rule: dict[str, Any] = field(default_factory=lambda: {"name": "max", "k": 1})
+    slice_thresholds: dict[str, float] = field(default_factory=dict)   # reference only
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     metrics: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -64,9 +70,18 @@ class ModelCard:
             raise ArtifactError(f"model windows {self.windows} differ from ich.imaging.WINDOWS")
         if not 32 <= int(self.input_size) <= 1024:
             raise ArtifactError(f"input_size {self.input_size} out of range")
-        for label, value in self.thresholds.items():
+        for label, value in {**self.thresholds, **self.slice_thresholds}.items():
             if label not in LABELS or not 0 < float(value) < 1:
                 raise ArtifactError(f"threshold {label}={value} is not a label probability")
+        try:
+            self.rule()
+        except (RuleError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"study_rule {self.study_rule}: {exc}") from None
+
+    def rule(self, overrides: dict[str, float] | None = None) -> StudyRule:
+        """The study decision this model was calibrated for, with threshold overrides
+        (ICH_THRESHOLD_<LABEL>) applied on top of the card's."""
+        return StudyRule.from_card(self.study_rule, {**self.thresholds, **(overrides or {})})
 
     @classmethod
     def read(cls, folder: Path) -> "ModelCard":

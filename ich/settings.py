@@ -172,7 +172,9 @@ class Settings:
     threshold_overrides: Mapping[str, float] = field(
         default_factory=dict,
         metadata={"env": THRESHOLD_PREFIX + "<LABEL>", "raw_default": "from model.json",
-                  "help": "per-label decision threshold override (any = 0.15 by default)"})
+                  "help": "per-label override of the study threshold (compared with the study "
+                          "rule's score; model.json has the calibrated value, 0.15 for any "
+                          "without one)"})
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -16,11 +16,13 @@ from ich.model import ModelCard, build_model, promote, save_artifact
 SIZE = 96
 
 
-def blood_detector(root: Path, version: str = "test-detector-1", min_pixels: float = 2.5) -> Path:
+def blood_detector(root: Path, version: str = "test-detector-1", min_pixels: float = 2.5,
+                   study_rule: dict | None = None) -> Path:
     """A hand-weighted detector: `any` = σ(4·(n − min_pixels)), n = pixels where the 5×5 mean
     of the brain window is ≥ 0.72 (≈ 58 HU: blood, not noisy brain) and no bone-bright
     soft-tissue-window pixel lies within 3 pixels (skull edges are not blood). Subtypes mirror
-    `any`. It finds the large lesions of tests/ctfactory and phantom intraparenchymal bleeds."""
+    `any`. It finds the large lesions of tests/ctfactory and phantom intraparenchymal bleeds.
+    `study_rule`: the card's study rule (default: a card without one, read as `max`)."""
     import keras
 
     inputs = keras.Input((SIZE, SIZE, 3), name="windows")
@@ -45,7 +47,10 @@ def blood_detector(root: Path, version: str = "test-detector-1", min_pixels: flo
     k = 4.0 * SIZE * SIZE  # the pooled mean is n / SIZE²
     model.get_layer("ich").set_weights([np.full((1, len(LABELS)), k, np.float32),
                                         np.full((len(LABELS),), -4.0 * min_pixels, np.float32)])
-    return _publish(model, ModelCard(version=version, engine="test-detector", input_size=SIZE), root)
+    card = ModelCard(version=version, engine="test-detector", input_size=SIZE)
+    if study_rule:
+        card.study_rule = dict(study_rule)
+    return _publish(model, card, root)
 
 
 def random_inception(root: Path, version: str = "test-inception-1") -> Path:

@@ -1,7 +1,7 @@
 """`python -m training`: train, evaluate, choose thresholds, export (and promote) a model.
 
     python -m training --synthetic-studies 120 --seed 7 --promote      # phantoms, measured recipe
-    python -m training --data /data/rsna --split study --target-recall 0.95
+    python -m training --data /data/rsna --target-recall 0.95        # study recall, on calibration
     python -m training --config run.toml --epochs 2                     # flags override the file
 """
 from __future__ import annotations
@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     from ich.model import ModelCard
 
     card = ModelCard.read(folder)
-    print(json.dumps({"artifact": str(folder), "thresholds": card.thresholds,
+    study = card.metrics["study"]
+    print(json.dumps({"artifact": str(folder), "study_rule": card.study_rule,
+                      "thresholds": card.thresholds,
+                      "test_studies": {k: study[k] for k in (
+                          "studies", "auc", "recall", "specificity", "ppv", "tp", "fn", "tn", "fp",
+                          "false_alerts_per_100_normal", "alert_delay_slices")},
                       "weighted_log_loss": card.metrics["weighted_log_loss"],
                       "prevalence_log_loss": card.metrics["prevalence_log_loss"]}, indent=2))
     return 0

@@ -29,7 +29,7 @@ class TrainConfig:
     synthetic_studies: int | None = None     # or: generate this many phantom studies
     synthetic_dir: str | None = None         # where phantoms go (default data/synthetic/<params>)
     synthetic_slices: tuple[int, int] = (24, 36)
-    split: str = "slice"                     # slice: ShuffleSplit (reference) | study: by StudyInstanceUID
+    split: str = "study"                     # study: by StudyInstanceUID | slice: ShuffleSplit (reference)
     seed: int = 42
     # model
     engine: str = "InceptionV3"
@@ -52,7 +52,9 @@ class TrainConfig:
     workers: int = 2                         # parallel DICOM decoders
     cache: bool = False                      # keep decoded training images in memory
     # thresholds and export
-    target_recall: float | None = None       # None: DEFAULT_THRESHOLDS (any 0.15)
+    target_recall: float | None = 0.95       # STUDY recall on calibration; None: max rule, any 0.15
+    slice_target_recall: float | None = 0.95  # slice-level operating points (reported, not served)
+    study_rule: str = "auto"                 # auto | max | consecutive-K | topk-K
     out: str = "models"
     version: str | None = None
     promote: bool = False
@@ -69,8 +71,16 @@ class TrainConfig:
             raise ConfigError(f"loss must be bce or weighted, not {self.loss!r}")
         if self.input_size < 75:
             raise ConfigError("--input-size must be at least 75 (InceptionV3's minimum)")
-        if self.target_recall is not None and not 0 < self.target_recall <= 1:
-            raise ConfigError("--target-recall must be in (0, 1]")
+        for name in ("target_recall", "slice_target_recall"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1]")
+        from training.studies import candidates
+
+        try:
+            candidates(self.study_rule)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.positive_fraction is not None and not 0 < self.positive_fraction < 1:
             raise ConfigError("--positive-fraction must be in (0, 1)")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
@@ -144,7 +154,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel DICOM decoders")
     p.add_argument("--split", choices=("slice", "study"))
     p.add_argument("--target-recall", type=float, metavar="R",
-                   help="per label, the highest threshold with validation recall >= R")
+                   help="per label, the highest STUDY threshold with calibration study recall >= R "
+                        "(default 0.95)")
+    p.add_argument("--slice-target-recall", type=float, metavar="R",
+                   help="per label, the slice-level threshold with calibration slice recall >= R; "
+                        "reported in model.json as slice_thresholds, not used for alerts")
+    p.add_argument("--study-rule", metavar="RULE",
+                   help="auto (measure every rule, keep the best on calibration) | max | "
+                        "consecutive-K | topk-K (default auto)")
     p.add_argument("--out", metavar="DIR", help="artifact root (default models)")
     p.add_argument("--version", help="artifact version (default ich-<engine>-<UTC time>)")
     p.add_argument("--promote", action="store_true", help="point <out>/current at the new version")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -151,35 +152,89 @@ def _listdir(folder: Path) -> set[str]:
 # ----------------------------------------------------------------------------- split
 
 
-def split(slices: Slices, mode: str = "slice") -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation row indices: the first of the reference's three ShuffleSplit folds
-    (`slice`), or the same on whole studies (`study`, GroupShuffleSplit on StudyInstanceUID),
-    because slices of one study on both sides inflate validation scores."""
+def split(slices: Slices, mode: str = "study", studies: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, calibration and test row indices (≈ 60 / 20 / 20).
+
+    Test is the first fold of the reference's three `ShuffleSplit` folds (`slice`), or of the
+    same on whole studies (`study`, `GroupShuffleSplit` on StudyInstanceUID: slices of one head
+    on both sides inflate every figure). Calibration is a quarter of the rest, drawn the same
+    way: the best epoch, the study rule and its thresholds are chosen on it, and the figures a
+    model card reports come from test studies that chose nothing (DESIGN §7).
+    `studies`: the StudyInstanceUID per row, if already read (`slice_headers`).
+    """
     from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 
-    if mode == "study":
-        groups = study_uids(slices.paths)
-        splitter = GroupShuffleSplit(n_splits=N_SPLITS, test_size=TEST_SIZE, random_state=SPLIT_SEED)
-        return next(splitter.split(slices.ids, groups=groups))
-    if mode != "slice":
+    if mode not in ("slice", "study"):
         raise ValueError(f"split mode must be slice or study, not {mode!r}")
-    splitter = ShuffleSplit(n_splits=N_SPLITS, test_size=TEST_SIZE, random_state=SPLIT_SEED)
-    return next(splitter.split(slices.ids))
+    groups = None
+    if mode == "study":
+        groups = np.asarray(studies) if studies is not None else study_uids(slices.paths)
+        splitter, inner = (GroupShuffleSplit(n_splits=N_SPLITS, test_size=TEST_SIZE, random_state=SPLIT_SEED),
+                           GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=SPLIT_SEED))
+    else:
+        splitter, inner = (ShuffleSplit(n_splits=N_SPLITS, test_size=TEST_SIZE, random_state=SPLIT_SEED),
+                           ShuffleSplit(n_splits=1, test_size=0.25, random_state=SPLIT_SEED))
+    rest, test = next(splitter.split(slices.ids, groups=groups))
+    if len(rest) < 2:
+        raise DataError(f"{len(slices)} images are too few to split into train, calibration and test")
+    rest_groups = None if groups is None else groups[rest]
+    train, calibration = next(inner.split(rest, groups=rest_groups))
+    return rest[train], rest[calibration], test
+
+
+@dataclass(frozen=True)
+class Headers:
+    """Where each slice lies: study, series, position and instance number, from its header.
+    The study rule orders neighbours by `position`; evaluation replays arrival in `instance`
+    order, the order a scanner or PACS sends a series in."""
+
+    studies: np.ndarray      # (n,) StudyInstanceUID ("unreadable:<path>" for a broken header)
+    series: np.ndarray       # (n,) SeriesInstanceUID
+    positions: np.ndarray    # (n,) z of ImagePositionPatient in mm, NaN where absent
+    instances: np.ndarray    # (n,) InstanceNumber, NaN where absent
+
+    def take(self, index) -> "Headers":
+        index = np.asarray(index)
+        return Headers(self.studies[index], self.series[index], self.positions[index],
+                       self.instances[index])
+
+
+def slice_headers(paths) -> Headers:
+    """Read the four header fields of every file (no pixels). A file whose header cannot be
+    read becomes a study of its own (the pipeline will skip and report it)."""
+    import pydicom
+
+    studies, series, positions, instances = [], [], [], []
+    tags = ["StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient", "InstanceNumber"]
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+            studies.append(str(ds.StudyInstanceUID))
+        except Exception:  # noqa: BLE001 — any unreadable header: its own group
+            studies.append(f"unreadable:{path}")
+            series.append("")
+            positions.append(math.nan)
+            instances.append(math.nan)
+            continue
+        series.append(str(ds.get("SeriesInstanceUID", "")))
+        positions.append(_number(lambda: ds.ImagePositionPatient[2]))
+        instances.append(_number(lambda: ds.InstanceNumber))
+    return Headers(np.array(studies, dtype=str), np.array(series, dtype=str),
+                   np.array(positions, np.float64), np.array(instances, np.float64))
+
+
+def _number(read) -> float:
+    try:
+        value = read()
+        return math.nan if value is None or value == "" else float(value)
+    except Exception:  # noqa: BLE001 — absent or malformed: unknown
+        return math.nan
 
 
 def study_uids(paths) -> np.ndarray:
-    """StudyInstanceUID of each file, from the header only. A file whose header cannot be read
-    becomes a group of its own (the pipeline will skip and report it)."""
-    import pydicom
-
-    uids = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-            uids.append(str(ds.StudyInstanceUID))
-        except Exception:  # noqa: BLE001 — any unreadable header: its own group
-            uids.append(f"unreadable:{path}")
-    return np.array(uids, dtype=str)
+    """StudyInstanceUID of each file, from the header only (see `slice_headers`)."""
+    return slice_headers(paths).studies
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -1,5 +1,8 @@
 """Metrics, recall-first thresholds and plots; `python -m training.evaluate` for any artifact.
 
+Slice figures live here; study figures (the ones an alert is judged by) in `training.studies`,
+and `python -m training.evaluate` prints both.
+
 The competition metric is the weighted multi-label log loss (`any` weighs 2, each subtype 1).
 Triage adds an operating point per label: recall first, because a missed bleed costs more than
 a false alarm. Every number here comes from inference-mode predictions — the only ones a worker
@@ -172,7 +175,13 @@ def plot_precision_recall(y: np.ndarray, p: np.ndarray, thresholds: dict[str, fl
 
 
 def predict(forward, slices, decoder, batch_size: int = 32, workers: int = 2):
-    """Inference-mode probabilities of every decodable slice → (labels, probabilities).
+    """Inference-mode probabilities of every decodable slice → (labels, probabilities)."""
+    rows, p = predict_rows(forward, slices, decoder, batch_size, workers)
+    return slices.labels[rows], p
+
+
+def predict_rows(forward, slices, decoder, batch_size: int = 32, workers: int = 2):
+    """Inference-mode probabilities of every decodable slice → (row indices, probabilities).
 
     Rows the decoder skips (and reports) are left out of both arrays, which stay aligned.
     """
@@ -183,9 +192,8 @@ def predict(forward, slices, decoder, batch_size: int = 32, workers: int = 2):
         probs.append(np.asarray(forward(images)))
         rows.append(index.numpy())
     if not rows:
-        empty = np.zeros((0, len(LABELS)), np.float32)
-        return empty, empty
-    return slices.labels[np.concatenate(rows)], np.concatenate(probs).astype(np.float32)
+        return np.zeros(0, np.int64), np.zeros((0, len(LABELS)), np.float32)
+    return np.concatenate(rows), np.concatenate(probs).astype(np.float32)
 
 
 def compiled_forward(model):
@@ -198,22 +206,31 @@ def compiled_forward(model):
 
 def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
                       batch_size: int = 32, workers: int = 2) -> dict:
-    """Score an artifact on an RSNA-layout folder with the thresholds of its card."""
+    """Score an artifact on an RSNA-layout folder: slice figures at the card's slice
+    thresholds, study figures under the card's study rule and thresholds (what a worker
+    serving it would decide), and the studies that would alert."""
     from ich.model import load_artifact
-    from training.data import Decoder, read_trainset
+    from training.data import Decoder, read_trainset, slice_headers
+    from training.studies import StudySet, alerting_studies, plot_study_curves, study_metrics
 
     model, card = load_artifact(model_dir)
     trainset = read_trainset(data_dir)
     decoder = Decoder(trainset.paths, card.input_size)
-    y, p = predict(compiled_forward(model), trainset, decoder, batch_size, workers)
-    if len(y) == 0:
+    rows, p = predict_rows(compiled_forward(model), trainset, decoder, batch_size, workers)
+    if len(rows) == 0:
         raise ValueError(f"no decodable images in {data_dir}")
-    thresholds = {**DEFAULT_THRESHOLDS, **card.thresholds}
-    result = {"model": card.version, "data": str(data_dir), **metrics(y, p, thresholds),
+    y = trainset.labels[rows]
+    slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
+    rule = card.rule()
+    study_set = StudySet.build(y, p, slice_headers(trainset.paths[rows]))
+    result = {"model": card.version, "data": str(data_dir), **metrics(y, p, slice_thresholds),
+              "study": study_metrics(study_set, rule),
+              "alerting_studies": sorted(alerting_studies(study_set, rule)),
               "read": trainset.report(), "decode": decoder.report()}
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
-        result["plots"] = [str(plot_precision_recall(y, p, thresholds, plots / "precision_recall.png"))]
+        result["plots"] = [str(plot_precision_recall(y, p, slice_thresholds, plots / "precision_recall.png")),
+                           str(plot_study_curves(study_set, rule, plots / "study_curves.png"))]
     return result
 
 

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ich.labels import LABELS, WEIGHT_VECTOR
-from training import evaluate
+from training import evaluate, studies
 from training.config import TrainConfig
-from training.data import Decoder, Slices, dataset, positive_odds_ratio, read_trainset, split
+from training.data import (Decoder, Slices, dataset, positive_odds_ratio, read_trainset, slice_headers,
+                           split)
+from training.studies import StudySet
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
             super().__init__()
             self.best, self.best_epoch, self.best_weights = math.inf, None, None
             self.decoder = Decoder(valid.paths, model_wrapper.input_dims[0], cache=True)
-            self.y = self.p = None
+            self.y = self.p = self.rows = None
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
@@ -69,7 +71,8 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
             if model_wrapper.bn_recalibrate:
                 model_wrapper.recalibrate_batchnorm()
             with model_wrapper.prior_corrected():
-                y, p = model_wrapper.predict(valid, self.decoder)
+                rows, p = model_wrapper.predict_rows(valid, self.decoder)
+            y = valid.labels[rows]
             logs["val_loss"] = float(evaluate.label_log_loss(y, p).mean())
             logs["val_weighted_log_loss"] = score = evaluate.weighted_log_loss(y, p)
             if model_wrapper.verbose:
@@ -80,7 +83,7 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
                 self.best, self.best_epoch = score, epoch + 1
                 # variable.value.numpy(): a copy, without Keras' numpy-2 __array__ warning per variable
                 self.best_weights = [v.value.numpy() for v in self.model.weights]
-                self.y, self.p = y, p
+                self.y, self.p, self.rows = y, p, rows
 
         def on_train_end(self, logs=None):
             if self.best_weights is not None:
@@ -184,13 +187,18 @@ class MyDeepModel:
 
     def predict(self, slices: Slices, decoder: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Inference-mode probabilities → (labels, probabilities) of the decodable slices."""
+        rows, p = self.predict_rows(slices, decoder)
+        return slices.labels[rows], p
+
+    def predict_rows(self, slices: Slices, decoder: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Inference-mode probabilities → (row indices, probabilities) of the decodable slices."""
         if self._forward is None:
             self._forward = evaluate.compiled_forward(self.model)
         decoder = decoder or Decoder(slices.paths, self.input_dims[0])
-        y, p = evaluate.predict(self._forward, slices, decoder, self.batch_size, self.workers)
-        if not len(y):
-            raise ValueError("no decodable validation slices")
-        return y, p
+        rows, p = evaluate.predict_rows(self._forward, slices, decoder, self.batch_size, self.workers)
+        if not len(rows):
+            raise ValueError("no decodable slices to predict")
+        return rows, p
 
     def recalibrate_batchnorm(self) -> None:
         """Precise BatchNorm before validation: see `PreciseBatchNorm`."""
@@ -279,7 +287,8 @@ def prepare_data(config: TrainConfig) -> tuple[Path, dict]:
 
 
 def run(config: TrainConfig) -> Path:
-    """data → split → fit → recall-first thresholds → artifact (→ promote). Returns its folder."""
+    """data → split → fit → study rule and thresholds → figures on test studies → artifact
+    (→ promote). Returns its folder."""
     import keras
 
     from ich.model import ModelCard, promote, save_artifact
@@ -288,9 +297,11 @@ def run(config: TrainConfig) -> Path:
     keras.utils.set_random_seed(config.seed)
     folder, data_card = prepare_data(config)
     trainset = read_trainset(folder)
-    train_idx, valid_idx = split(trainset, config.split)
-    train, valid = trainset.take(train_idx), trainset.take(valid_idx)
-    log.info("split %s: %d training, %d validation images", config.split, len(train), len(valid))
+    headers = slice_headers(trainset.paths)
+    train_idx, calib_idx, test_idx = split(trainset, config.split, headers.studies)
+    train, calib, test = (trainset.take(i) for i in (train_idx, calib_idx, test_idx))
+    log.info("split %s: %d training, %d calibration, %d test images", config.split, len(train),
+             len(calib), len(test))
 
     deep = MyDeepModel(
         engine=config.engine, input_dims=(config.input_size, config.input_size, 3),
@@ -302,36 +313,79 @@ def run(config: TrainConfig) -> Path:
         positive_fraction=config.positive_fraction,
         workers=config.workers, cache=config.cache,
         seed=config.seed)
-    history = deep.fit_model(train, valid).history
-    y, p = deep.validation.y, deep.validation.p
-    thresholds = evaluate.choose_thresholds(y, p, config.target_recall)
-    results = evaluate.metrics(y, p, thresholds)
-    results.update(best_epoch=deep.validation.best_epoch, seconds=round(time.perf_counter() - started, 1))
+    history = deep.fit_model(train, calib).history
+    # Calibration chose the epoch; it now chooses the operating point. Test chooses nothing.
+    v = deep.validation
+    calib_studies = StudySet.build(v.y, v.p, headers.take(calib_idx[v.rows]))
+    test_decoder = Decoder(test.paths, config.input_size)
+    test_rows, test_p = deep.predict_rows(test, test_decoder)
+    test_y = test.labels[test_rows]
+    test_studies = StudySet.build(test_y, test_p, headers.take(test_idx[test_rows]))
 
+    slice_thresholds = evaluate.choose_thresholds(v.y, v.p, config.slice_target_recall)
+    rule, candidates = studies.choose_rule(calib_studies, config.target_recall,
+                                           studies.candidates(config.study_rule))
+    results = {**evaluate.metrics(test_y, test_p, slice_thresholds), "split": "test",
+               "study": studies.study_metrics(test_studies, rule),
+               "calibration": {"weighted_log_loss": evaluate.weighted_log_loss(v.y, v.p),
+                               "images": int(len(v.y)),
+                               "study": studies.study_metrics(calib_studies, rule),
+                               "rules": candidates},
+               "best_epoch": v.best_epoch, "seconds": round(time.perf_counter() - started, 1)}
     card = ModelCard(
         version=config.version or default_version(config.engine), engine=config.engine,
-        input_size=config.input_size, thresholds=thresholds, metrics=results,
+        input_size=config.input_size, thresholds=dict(rule.thresholds),
+        study_rule=rule.describe(), slice_thresholds=slice_thresholds, metrics=results,
         data={**data_card, "split": config.split, "split_seed": 42,
-              "train_images": len(train), "validation_images": len(valid),
-              "validation_images_scored": int(len(y)), "read": trainset.report(),
-              "skipped_train": deep.train_decoder.report(),
-              "skipped_validation": deep.validation.decoder.report(),
+              "train_images": len(train), "calibration_images": len(calib),
+              "test_images": len(test), "calibration_images_scored": int(len(v.y)),
+              "test_images_scored": int(len(test_y)),
+              "studies": {"train": len(set(headers.studies[train_idx])),
+                          "calibration": len(set(headers.studies[calib_idx])),
+                          "test": len(set(headers.studies[test_idx]))},
+              "read": trainset.report(), "skipped_train": deep.train_decoder.report(),
+              "skipped_calibration": v.decoder.report(), "skipped_test": test_decoder.report(),
               "train_prevalence": dict(zip(LABELS, map(float, train.prevalence())))},
-        notes=_notes(config))
+        notes=_notes(config, rule))
     out = save_artifact(deep.model, card, Path(config.out))
-    write_extras(out, config, history, y, p, thresholds)
+    write_extras(out, config, history, test_y, test_p, slice_thresholds)
+    write_predictions(out / "predictions.csv", {
+        "calibration": (calib.take(v.rows), headers.take(calib_idx[v.rows]), v.p),
+        "test": (test.take(test_rows), headers.take(test_idx[test_rows]), test_p)})
+    studies.plot_study_curves(test_studies, rule, out / "study_curves.png")
     if config.promote:
         promote(out, Path(config.out) / "current")
         log.info("promoted %s to %s", out.name, Path(config.out) / "current")
     return out
 
 
-def _notes(config: TrainConfig) -> str:
-    chosen = (f"per-label thresholds for validation recall >= {config.target_recall}"
-              if config.target_recall else "default thresholds (any 0.15)")
+def _notes(config: TrainConfig, rule) -> str:
+    chosen = (f"study rule {rule} with per-label study thresholds for calibration study recall "
+              f">= {config.target_recall}" if config.target_recall
+              else "study rule max with the default thresholds (any 0.15)")
     return (f"Trained from {'scratch' if config.weights in (None, 'none') else config.weights}; "
-            f"{config.split} split; {chosen}; metrics are inference-mode predictions on the "
-            "validation split at the best epoch. Positive means probability >= threshold.")
+            f"{config.split} split into train / calibration / test; {chosen}. The epoch, the rule "
+            "and every threshold were chosen on calibration; metrics are inference-mode "
+            "predictions on the test split, which chose nothing. A study is positive for a label "
+            "when the rule's study score >= that label's threshold; slice_thresholds are the "
+            "slice-level operating points, for reference only.")
+
+
+def write_predictions(path: Path, parts: dict) -> None:
+    """Every calibration and test prediction with where its slice lies, so a study rule or a
+    threshold can be re-examined without running the model again."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "image_id", "study_instance_uid", "series_instance_uid",
+                    "instance_number", "position_z", *[f"y_{l}" for l in LABELS],
+                    *[f"p_{l}" for l in LABELS]])
+        for name, (slices, headers, p) in parts.items():
+            for i in range(len(slices)):
+                w.writerow([name, slices.ids[i], headers.studies[i], headers.series[i],
+                            headers.instances[i], headers.positions[i],
+                            *map(int, slices.labels[i]), *(f"{x:.6g}" for x in p[i])])
 
 
 def write_extras(folder: Path, config: TrainConfig, history: dict, y, p, thresholds) -> None:

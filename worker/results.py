@@ -1,7 +1,7 @@
 """`python -m worker.results STUDY_UID`: a study's per-slice results and state, as JSON.
 
 For radiology informatics staff checking what the system saw: every slice scored (or the
-reason it failed), the probabilities, and the study's alert status. Reads only Redis.
+reason it failed), the probabilities, the study rule's current verdict, and the alert status. Reads only Redis.
 """
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     version = state.get("model_version", "")
+    _, _, _, rule, decision = store.decide(args.study_uid)
     print(json.dumps({
         "study_instance_uid": args.study_uid,
         "state": state,
         "alerts_sent": {kind: store.alerted(args.study_uid, version, kind)
                         for kind in (FIRST_POSITIVE, STUDY_SUMMARY)},
         "awaiting_summary": store.client.zscore(keys.ACTIVE_STUDIES, args.study_uid) is not None,
+        "decision": {"study_rule": rule.describe(), "thresholds": dict(rule.thresholds),
+                     "scores": decision.scores, "positive": decision.positive},
         "slices": store.results(args.study_uid),
     }, indent=2))
     return 0

@@ -3,7 +3,7 @@
 `Scorer` is built once per worker process (the model load is the expensive part) and has three
 steps, each testable alone: `pre_process` (one MGET for the batch's bytes, decode and window in
 parallel threads: a bad slice fails alone), `predict` (one compiled forward pass per batch) and
-`post_process` (thresholds, study state, first-positive alerts).
+`post_process` (study state; which studies the batch touched, for the study rule).
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ import redis
 from threadpoolctl import threadpool_limits
 
 from ich import imaging, keys
+from ich.decision import StudyRule
 from ich.labels import ANY, LABELS
 from ich.model import load_artifact
 from ich.queue import SliceMeta
 from ich.settings import Settings
 from worker import metrics
-from worker.study import SliceResult, StudyStore
+from worker.study import FIRST_POSITIVE, SliceResult, StudyStore
 
 log = logging.getLogger("worker.scoring")
 _META_FIELDS = {f.name for f in fields(SliceMeta)}
@@ -45,7 +46,9 @@ class Scorer:
         self.model, self.card = load_artifact(model_dir or settings.model_dir)
         self.version = self.card.version
         self.size = int(self.card.input_size)
-        self.thresholds = settings.thresholds(self.card.thresholds)
+        # The study decision training calibrated (ich.decision), ICH_THRESHOLD_* on top.
+        self.rule = StudyRule.from_card(self.card.study_rule, settings.thresholds(self.card.thresholds))
+        self.thresholds = dict(self.rule.thresholds)
         self.client = client
         self.studies = StudyStore(client, settings.result_ttl_s)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
@@ -56,8 +59,8 @@ class Scorer:
             input_signature=[tf.TensorSpec((None, self.size, self.size, 3), tf.float32)])
         self._forward(tf.zeros((1, self.size, self.size, 3)))  # compile now, not on a patient
         metrics.model_info.labels(self.version).set(1)
-        log.info("model %s loaded (%s, %dx%d), thresholds %s", self.version, self.card.engine,
-                 self.size, self.size, self.thresholds)
+        log.info("model %s loaded (%s, %dx%d), study rule %s, thresholds %s", self.version,
+                 self.card.engine, self.size, self.size, self.rule, self.thresholds)
 
     # --- the three steps -------------------------------------------------------------------
 
@@ -82,12 +85,12 @@ class Scorer:
         return self._forward(images).numpy()
 
     def post_process(self, metas: list[SliceMeta], probabilities: np.ndarray,
-                     failed: list[SliceResult]) -> list[SliceResult]:
-        """Record every result, then raise the first-positive alert of each study once."""
+                     failed: list[SliceResult]) -> list[str]:
+        """Record every result; return the studies that gained a scored slice."""
         now = time.time()
         results = [SliceResult(m, dict(zip(LABELS, map(float, p))), scored_at=now)
                    for m, p in zip(metas, probabilities)]
-        self.studies.record(results + failed, self.thresholds, self.version)
+        self.studies.record(results + failed, self.rule, self.version)
         for r in failed:
             metrics.slices_failed.labels(r.error).inc()
             log.warning("slice %s of study %s failed: %s", r.meta.sop_instance_uid,
@@ -95,13 +98,14 @@ class Scorer:
         metrics.slices_scored.inc(len(results))
         for r in results:
             metrics.end_to_end.observe(now - r.meta.received_at)
-        return [r for r in results if r.positive(self.thresholds)[ANY]]
+        return list(dict.fromkeys(r.meta.study_instance_uid for r in results))
 
     # --- one batch ---------------------------------------------------------------------------
 
-    def score(self, metas: list[SliceMeta]) -> list[SliceResult]:
-        """Score a batch; returns the first positive slice of each study in it (the caller
-        raises first_positive alerts, which StudyStore makes happen once per study)."""
+    def score(self, metas: list[SliceMeta]) -> list[dict]:
+        """Score a batch; returns the first_positive alert of each study the batch made
+        positive under the study rule (the caller publishes them; StudyStore makes each
+        happen once per study and model version)."""
         started = time.time()
         for m in metas:
             metrics.queue_wait.observe(max(0.0, started - m.received_at))
@@ -111,10 +115,14 @@ class Scorer:
         t = time.perf_counter()
         probabilities = self.predict(images)
         metrics.inference.observe(time.perf_counter() - t)
-        first: dict[str, SliceResult] = {}
-        for r in self.post_process(ok, probabilities, failed):
-            first.setdefault(r.meta.study_instance_uid, r)
-        return list(first.values())
+        alerts = []
+        for study_uid in self.post_process(ok, probabilities, failed):
+            if self.studies.alerted(study_uid, self.version, FIRST_POSITIVE):
+                continue  # the common case once a study has alerted: skip the rule
+            alert = self.studies.build_alert(FIRST_POSITIVE, study_uid)
+            if alert["positive"][ANY]:
+                alerts.append(alert)
+        return alerts
 
     def _decode(self, blob: bytes | None) -> tuple[np.ndarray | None, str]:
         if blob is None:

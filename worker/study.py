@@ -1,11 +1,15 @@
 """Per-study state in Redis and the alerts built from it (DESIGN §1, §3, §4).
 
 A study is two hashes with a TTL: `study_state` (series, accession, calling AE, first receipt,
-model version, thresholds) and `study_results` (one JSON result per SOP Instance UID, so a
+model version, study rule and thresholds) and `study_results` (one JSON result per SOP Instance UID, so a
 redelivered slice overwrites itself instead of counting twice), plus its place in the
 `ACTIVE_STUDIES` sorted set, scored by last activity, from which quiet studies are claimed
 for their summary. Alert markers (`SET NX`) make every (study, model version, kind) alert
 happen once, however often a slice is redelivered.
+
+Whether a study is positive is decided by the model's study rule (`ich.decision`, the same code
+training calibrated it with) over every slice of the study scored so far; `build_alert` applies
+it, so the scoring worker and the summary sweeper of the alerts process decide alike.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any
 import redis
 
 from ich import keys
+from ich.decision import SliceScore, StudyRule
 from ich.labels import ANY, LABELS
 from ich.queue import SliceMeta
 
@@ -50,7 +55,9 @@ class SliceResult:
     error: str | None = None
     scored_at: float = 0.0
 
-    def positive(self, thresholds: dict[str, float]) -> dict[str, bool]:
+    def above_threshold(self, thresholds: dict[str, float]) -> dict[str, bool]:
+        """Per label, whether this slice alone reaches the study threshold (informative: the
+        study rule decides, and under `consecutive` one such slice is not enough)."""
         p = self.probabilities or {}
         return {label: p.get(label, 0.0) >= thresholds[label] for label in LABELS}
 
@@ -66,7 +73,7 @@ class SliceResult:
             record["error"] = self.error
         else:
             record["probabilities"] = self.probabilities
-            record["positive"] = self.positive(thresholds)
+            record["above_threshold"] = self.above_threshold(thresholds)
         return json.dumps(record)
 
 
@@ -76,10 +83,10 @@ class StudyStore:
         self.ttl_s = ttl_s
         self._script = None
 
-    def record(self, results: list[SliceResult], thresholds: dict[str, float],
-               model_version: str) -> None:
+    def record(self, results: list[SliceResult], rule: StudyRule, model_version: str) -> None:
         """Store a batch of results and drop their slice bytes, in one round trip."""
         now = time.time()
+        thresholds = dict(rule.thresholds)
         pipe = self.client.pipeline(transaction=True)
         for r in results:
             m = r.meta
@@ -92,7 +99,8 @@ class StudyStore:
                                 ("first_received_at", m.received_at)):
                 pipe.hsetnx(state, name, value)
             pipe.hset(state, mapping={"model_version": model_version,
-                                      "thresholds": json.dumps(thresholds)})
+                                      "thresholds": json.dumps(thresholds),
+                                      "study_rule": json.dumps(rule.describe())})
             pipe.expire(state, self.ttl_s)
             pipe.expire(keys.study_results(m.study_instance_uid), self.ttl_s)
             pipe.zadd(keys.ACTIVE_STUDIES, {m.study_instance_uid: now})
@@ -134,21 +142,45 @@ class StudyStore:
     def state(self, study_uid: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.client.hgetall(keys.study_state(study_uid)).items()}
 
-    def build_alert(self, kind: str, study_uid: str, received_at: float | None = None) -> dict[str, Any]:
-        """The alert JSON of DESIGN §3 from what Redis holds now. No patient name, ID or
-        birth date is ever stored, so none can appear here."""
+    def decide(self, study_uid: str):
+        """The study rule on every slice of the study scored so far: (state, slice records,
+        the scored ones, rule, decision). The rule and thresholds are those the scoring worker stored
+        with the results, so the alerts process needs no model."""
         state = self.state(study_uid)
-        thresholds = json.loads(state["thresholds"])
+        rule = StudyRule.from_card(json.loads(state.get("study_rule") or "null"),
+                                   json.loads(state["thresholds"]))
         records = self.results(study_uid)
         scored = [r for r in records if "probabilities" in r]
+        decision = rule.decide([
+            SliceScore([r["probabilities"][label] for label in LABELS], r.get("series_instance_uid") or "",
+                       _position(r)) for r in scored])
+        return state, records, scored, rule, decision
+
+    def build_alert(self, kind: str, study_uid: str) -> dict[str, Any]:
+        """The alert JSON of DESIGN §3 from what Redis holds now. No patient name, ID or
+        birth date is ever stored, so none can appear here.
+
+        `positive` is the study rule's verdict per label; `scores` the study scores it
+        compared with `thresholds`; `positive_slices`, when the study is positive, the slices
+        behind the `any` score and every slice that alone reaches its threshold. A first_positive's `received_at` is the receipt of the latest of
+        those slices: the moment the study became positive."""
+        state, records, scored, rule, decision = self.decide(study_uid)
         probabilities = {label: max((r["probabilities"][label] for r in scored), default=0.0)
                          for label in LABELS}
+        # The slices behind the `any` score, and every slice that alone reaches the threshold:
+        # where a reader should look first.
+        t = rule.thresholds[ANY]
+        chosen = set(decision.evidence) | {i for i, r in enumerate(scored) if r["probabilities"][ANY] >= t}
+        evidence = [scored[i] for i in sorted(chosen)] if decision.any else []
         positive_slices = [
             {"sop_instance_uid": r["sop_instance_uid"], "instance_number": r["instance_number"],
              "probabilities": r["probabilities"]}
-            for r in scored if r["positive"][ANY]]
+            for r in sorted(evidence, key=lambda r: (_position(r) or 0.0, r["sop_instance_uid"]))]
         model_version = state["model_version"]
-        received = received_at if received_at is not None else float(state["first_received_at"])
+        if kind == FIRST_POSITIVE and evidence:
+            received = max(float(scored[i]["received_at"]) for i in decision.evidence)
+        else:
+            received = float(state["first_received_at"])
         alerted_at = time.time()
         return {
             "alert_id": str(uuid.uuid5(_ALERT_NAMESPACE, f"{study_uid}/{model_version}/{kind}")),
@@ -158,9 +190,11 @@ class StudyStore:
             "accession_number": state.get("accession_number", ""),
             "calling_ae": state.get("calling_ae", ""),
             "model_version": model_version,
+            "study_rule": rule.describe(),
             "probabilities": probabilities,
-            "thresholds": thresholds,
-            "positive": {label: probabilities[label] >= thresholds[label] for label in LABELS},
+            "scores": decision.scores,
+            "thresholds": dict(rule.thresholds),
+            "positive": decision.positive,
             "positive_slices": positive_slices,
             "slices_scored": len(scored),
             "slices_failed": len(records) - len(scored),
@@ -168,3 +202,11 @@ class StudyStore:
             "alerted_at": alerted_at,
             "latency_seconds": round(alerted_at - received, 6),
         }
+
+
+def _position(record: dict[str, Any]) -> float | None:
+    """Where a slice lies in its series: z, else instance number (ich.decision orders by it)."""
+    for name in ("slice_position", "instance_number"):
+        if record.get(name) is not None:
+            return float(record[name])
+    return None

@@ -48,16 +48,12 @@ def scorer() -> Scorer:
           flush_every=settings.batch_max, flush_interval=settings.batch_window_ms / 1000)
 def score(requests_: list) -> None:
     try:
-        positives = scorer().score([meta_from_kwargs(r.kwargs) for r in requests_])
+        due = scorer().score([meta_from_kwargs(r.kwargs) for r in requests_])
     except Exception:
         log.exception("batch of %d failed; re-sending it", len(requests_))
         _resend(requests_)
         return
-    for result in positives:
-        if studies.alerted(result.meta.study_instance_uid, scorer().version, FIRST_POSITIVE):
-            continue  # the common case once a study has alerted: skip building the alert
-        alert = studies.build_alert(FIRST_POSITIVE, result.meta.study_instance_uid,
-                                    received_at=result.meta.received_at)
+    for alert in due:   # studies this batch made positive under the study rule
         raise_alert(alert)
 
 

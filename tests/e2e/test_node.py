@@ -1,5 +1,9 @@
 """One node end to end: DCMTK storescu → listener → Redis → scoring worker → alerts worker →
-a real HTTP consumer, every process started from its Procfile line, as honcho would."""
+a real HTTP consumer, every process started from its Procfile line, as honcho would.
+
+The model card carries the study rule `consecutive-2`: a normal study with one bright slice,
+which a per-slice threshold would page on, must stay silent; a bleed seen on two neighbouring
+slices alerts."""
 from __future__ import annotations
 
 import json
@@ -12,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.modelfactory import blood_detector
+from pydicom.uid import generate_uid
+
 from tests.services import RedisServer, ServiceProcess, WebhookReceiver, free_port, metrics_text
 from training.synthetic import make_study, to_bytes
 from worker.alerts import verify
@@ -36,6 +42,24 @@ def write_study(folder: Path, subtypes: tuple[str, ...], index: int) -> tuple[st
     return ds.StudyInstanceUID, slices, phi
 
 
+def write_noisy_normal(folder: Path, index: int) -> tuple[str, list, int]:
+    """A normal phantom study (new UIDs) in which ONE slice carries a blood-dense blob: an
+    artefact the model scores far above the slice threshold. Returns (study UID, slices, the
+    noisy slice's instance number)."""
+    folder.mkdir(parents=True)
+    bleeding = make_study(11, index, slices=(10, 12), subtypes=("intraparenchymal",), variant="default")
+    normal = make_study(11, index, slices=(10, 12), subtypes=("intraparenchymal",), variant="default",
+                        bleeds=False)
+    k = next(i for i, s in enumerate(bleeding) if s.labels["any"])
+    normal[k].dataset.PixelData = bleeding[k].dataset.PixelData
+    study, series = generate_uid(), generate_uid()
+    for s in normal:
+        s.dataset.StudyInstanceUID, s.dataset.SeriesInstanceUID = study, series
+        s.dataset.SOPInstanceUID = s.dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        (folder / f"{s.image_id}.dcm").write_bytes(to_bytes(s.dataset))
+    return study, normal, int(normal[k].dataset.InstanceNumber)
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("node")
@@ -43,7 +67,8 @@ def node(tmp_path_factory):
     receiver = WebhookReceiver()
     ports = {name: free_port() for name in ("dicom", "listener", "worker", "alerts")}
     env = {
-        "ICH_REDIS_URL": redis_server.url, "ICH_MODEL_DIR": str(blood_detector(tmp / "models")),
+        "ICH_REDIS_URL": redis_server.url, "ICH_MODEL_DIR": str(blood_detector(
+            tmp / "models", study_rule={"name": "consecutive", "k": 2})),
         "ICH_DICOM_PORT": str(ports["dicom"]), "ICH_DICOM_HOST": "127.0.0.1",
         "ICH_LISTENER_METRICS_PORT": str(ports["listener"]),
         "ICH_WORKER_METRICS_PORT": str(ports["worker"]),
@@ -69,9 +94,10 @@ def test_storescu_to_webhook(node):
     tmp, receiver, ports = node["tmp"], node["receiver"], node["ports"]
     positive, pos_slices, phi_pos = write_study(tmp / "positive", ("intraparenchymal",), 1)
     negative, neg_slices, phi_neg = write_study(tmp / "negative", (), 0)
+    noisy, noisy_slices, noisy_instance = write_noisy_normal(tmp / "noisy", 1)
     assert any(s.labels["any"] for s in pos_slices) and not any(s.labels["any"] for s in neg_slices)
     sent_at = time.time()
-    for folder in ("positive", "negative"):
+    for folder in ("positive", "negative", "noisy"):
         result = subprocess.run(["storescu", "-aec", "ICHWATCH", "+sd", "127.0.0.1", str(ports["dicom"]),
                                  str(tmp / folder)], capture_output=True, text=True, timeout=120,
                                 env={"TCP_NODELAY": "1", "PATH": os.environ["PATH"]})
@@ -80,27 +106,38 @@ def test_storescu_to_webhook(node):
     def alerts(study: str, kind: str) -> list[dict]:
         return [a for a in receiver.accepted() if a["study_instance_uid"] == study and a["kind"] == kind]
 
-    receiver.wait_for(lambda: alerts(positive, "study_summary") and alerts(negative, "study_summary"),
+    receiver.wait_for(lambda: all(alerts(s, "study_summary") for s in (positive, negative, noisy)),
                       timeout=120)
     time.sleep(1.0)  # anything duplicated would arrive now
     first = alerts(positive, "first_positive")
     assert len(first) == 1 and alerts(negative, "first_positive") == []
+    assert first[0]["study_rule"] == {"name": "consecutive", "k": 2}
+    assert len(first[0]["positive_slices"]) >= 2
+    # One slice far above the threshold, alone: a per-slice decision would have paged.
+    summary = alerts(noisy, "study_summary")[0]
+    assert alerts(noisy, "first_positive") == [] and not summary["positive"]["any"]
+    assert summary["probabilities"]["any"] > 0.9 > summary["thresholds"]["any"] > summary["scores"]["any"]
+    results = subprocess.run([sys.executable, "-m", "worker.results", noisy], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "ICH_REDIS_URL": node["redis"].url})
+    shown = json.loads(results.stdout)
+    above = [r["instance_number"] for r in shown["slices"] if r["above_threshold"]["any"]]
+    assert above == [noisy_instance] and shown["decision"]["positive"]["any"] is False
     request = next(r for r in receiver.requests if json.loads(r["body"]) == first[0])
     assert verify(request["body"], request["headers"]["X-ICH-Signature"], SECRET)
     assert first[0]["received_at"] >= sent_at - 1 and first[0]["latency_seconds"] < 60
     assert alerts(positive, "study_summary")[0]["positive"]["any"]
     assert not alerts(negative, "study_summary")[0]["positive"]["any"]
-    assert len(receiver.requests) == 3  # one first_positive, two summaries, no retries
+    assert len(receiver.requests) == 4  # one first_positive, three summaries, no retries
 
-    total = len(pos_slices) + len(neg_slices)
+    total = len(pos_slices) + len(neg_slices) + len(noisy_slices)
     listener = metrics_text(ports["listener"])
     worker = metrics_text(ports["worker"])
     delivery = metrics_text(ports["alerts"])
     assert listener["ich_instances_received_total"] == listener["ich_instances_queued_total"] == total
     assert worker["ich_slices_scored_total"] == total
     assert worker['ich_alerts_total{kind="first_positive"}'] == 1
-    assert delivery['ich_alerts_total{kind="study_summary"}'] == 2
-    assert delivery['ich_webhook_deliveries_total{outcome="delivered"}'] == 3
+    assert delivery['ich_alerts_total{kind="study_summary"}'] == 3
+    assert delivery['ich_webhook_deliveries_total{outcome="delivered"}'] == 4
     assert delivery["ich_time_to_alert_seconds_count"] == 1
     assert worker["ich_queue_depth"] == 0
 

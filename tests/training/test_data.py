@@ -94,24 +94,29 @@ def test_augmentation_keeps_shape_range_and_changes_images(phantoms):
     assert not np.allclose(np.sort(plain.ravel()), np.sort(augmented.ravel()))
 
 
-def test_slice_split_matches_reference_and_study_split_keeps_studies_apart(phantoms):
+def test_test_fold_matches_reference_and_study_split_keeps_studies_apart(phantoms):
     from sklearn.model_selection import ShuffleSplit
 
     root, _ = phantoms
     ts = data.read_trainset(root)
-    train, valid = data.split(ts, "slice")
+    train, calibration, test = data.split(ts, "slice")
     reference = next(ShuffleSplit(n_splits=3, test_size=0.2, random_state=42).split(ts.ids))
-    assert train.tolist() == reference[0].tolist() and valid.tolist() == reference[1].tolist()
-    assert set(train).isdisjoint(valid) and len(train) + len(valid) == len(ts)
+    assert test.tolist() == reference[1].tolist()     # the reference's validation fold
+    assert sorted(train.tolist() + calibration.tolist()) == sorted(reference[0].tolist())
+    assert len(calibration) == pytest.approx(len(reference[0]) / 4, abs=1)
 
-    uids = data.study_uids(ts.paths)
+    headers = data.slice_headers(ts.paths)
+    uids = headers.studies
     assert len(set(uids) - {u for u in uids if u.startswith("unreadable:")}) == 4
-    train, valid = data.split(ts, "study")
-    assert set(uids[train]).isdisjoint(uids[valid])
-    assert len(train) + len(valid) == len(ts) and len(valid) > 0
+    assert np.isfinite(headers.positions).sum() >= len(ts) - 2 and np.isfinite(headers.instances).any()
+    parts = data.split(ts, "study", uids)
+    assert [p.tolist() for p in parts] == [p.tolist() for p in data.split(ts, "study")]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert set(uids[parts[a]]).isdisjoint(uids[parts[b]])
+    assert sum(map(len, parts)) == len(ts) and all(len(p) > 0 for p in parts)
     # what the study split prevents: the slice split puts some study on both sides here
-    train, valid = data.split(ts, "slice")
-    assert set(uids[train]) & set(uids[valid])
+    train, calibration, test = data.split(ts, "slice")
+    assert set(uids[np.concatenate([train, calibration])]) & set(uids[test])
 
 
 def test_lr_schedule_is_step_decay_per_decay_steps_epochs():
@@ -133,7 +138,8 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     real = config.load(["--data", "d"])
     assert (real.engine, real.input_size, real.batch_size, real.learning_rate, real.epochs,
             real.decay_rate, real.decay_steps, real.weights, real.split) == (
-        "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "slice")
+        "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "study")
+    assert (real.target_recall, real.study_rule) == (0.95, "auto")   # study recall, every source
     phantom = config.load(["--synthetic-studies", "90"])
     assert phantom.split == "study" and phantom.input_size == config.SYNTHETIC_RECIPE["input_size"]
 
@@ -150,6 +156,8 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
         config.load(["--config", str(toml), "--data", "d"])
     with pytest.raises(SystemExit):
         config.load(["--data", "d", "--split", "patient"])
+    with pytest.raises(config.ConfigError, match="study rule"):
+        config.load(["--data", "d", "--study-rule", "median"])
 
 
 def test_positive_fraction_oversamples_bleeding_slices(phantoms):

@@ -2,6 +2,7 @@
 epoch of two steps) shared by every test here, then `python -m training.evaluate` on it."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -56,23 +57,28 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
     assert m["weighted_log_loss"] > 0 and m["prevalence_log_loss"] > 0 and m["best_epoch"] == 1
     for label in LABELS:
         assert {"log_loss", "auc", "threshold", "recall", "precision", "specificity"} <= set(m["per_label"][label])
-        assert m["per_label"][label]["threshold"] == card.thresholds[label]
-    any_ = m["per_label"]["any"]
-    if any_["positives"]:   # the recipe's target recall 0.95 chose `any` on validation
-        assert any_["recall"] >= 0.95
-    assert card.data["source"] == "synthetic" and card.data["split"] == "study"
-    assert card.data["train_images"] + card.data["validation_images"] == card.data["read"]["images"]
+        assert m["per_label"][label]["threshold"] == card.slice_thresholds[label]
+    assert m["split"] == "test" and m["study"]["studies"] == card.data["studies"]["test"]
+    calibration = m["calibration"]["study"]
+    if calibration["positive_studies"]:   # target study recall 0.95, chosen on calibration
+        assert calibration["recall"] >= 0.95 and len(m["calibration"]["rules"]) == 5
+    assert card.study_rule == m["study"]["rule"]
+    assert {"auc", "recall", "specificity", "ppv", "false_alerts_per_100_normal",
+            "alert_delay_slices", "subtype_auc"} <= set(m["study"])
+    d = card.data
+    assert d["source"] == "synthetic" and d["split"] == "study"
+    assert d["train_images"] + d["calibration_images"] + d["test_images"] == d["read"]["images"]
+    assert sum(d["studies"].values()) == 6 and min(d["studies"].values()) >= 1
 
 
 def test_unreadable_slice_was_skipped_and_reported(run):
     data = ModelCard.read(run["artifact"]).data
-    skipped = {**dict.fromkeys(data["skipped_train"]["examples"]),
-               **dict.fromkeys(data["skipped_validation"]["examples"])}
+    parts = ("train", "calibration", "test")
+    skipped = {name for part in parts for name in data[f"skipped_{part}"]["examples"]}
     assert f"{run['broken']}.dcm" in skipped
-    total = data["skipped_train"]["skipped"] + data["skipped_validation"]["skipped"]
-    assert total == 1
-    if data["skipped_validation"]["skipped"]:
-        assert data["validation_images_scored"] == data["validation_images"] - 1
+    assert sum(data[f"skipped_{part}"]["skipped"] for part in parts) == 1
+    for part in ("calibration", "test"):
+        assert data[f"{part}_images_scored"] == data[f"{part}_images"] - data[f"skipped_{part}"]["skipped"]
 
 
 def test_resolved_config_history_and_plots_are_saved(run):
@@ -84,8 +90,16 @@ def test_resolved_config_history_and_plots_are_saved(run):
     assert resolved["synthetic_slices"] == [8, 12]
     history = json.loads((folder / "history.json").read_text())
     assert len(history["loss"]) == 1 and len(history["val_weighted_log_loss"]) == 1
-    for plot in ("loss.png", "precision_recall.png"):
+    for plot in ("loss.png", "precision_recall.png", "study_curves.png"):
         assert (folder / plot).read_bytes()[:8] == PNG
+    data = ModelCard.read(folder).data
+    with open(folder / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    studies = {part: {r["study_instance_uid"] for r in rows if r["split"] == part}
+               for part in ("calibration", "test")}
+    assert sum(r["split"] == "test" for r in rows) == data["test_images_scored"]
+    assert sum(r["split"] == "calibration" for r in rows) == data["calibration_images_scored"]
+    assert studies["test"].isdisjoint(studies["calibration"]) and len(studies["test"]) == data["studies"]["test"]
 
 
 def test_evaluate_cli_prints_metrics_json(run, tmp_path):
@@ -102,8 +116,13 @@ def test_evaluate_cli_prints_metrics_json(run, tmp_path):
     for label in LABELS:
         entry = result["per_label"][label]
         assert {"log_loss", "auc", "threshold", "recall", "precision", "specificity"} <= set(entry)
-        assert entry["threshold"] == card.thresholds[label]
-    assert (tmp_path / "precision_recall.png").read_bytes()[:8] == PNG
+        assert entry["threshold"] == card.slice_thresholds[label]
+    study = result["study"]
+    assert study["studies"] == 6 and study["rule"] == card.study_rule
+    assert study["tp"] + study["fp"] == len(result["alerting_studies"])
+    assert study["tp"] + study["fn"] == study["positive_studies"]
+    for plot in ("precision_recall.png", "study_curves.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG
 
 
 def test_cli_rejects_two_data_sources(run, capsys):

@@ -1,0 +1,114 @@
+"""Study-level evaluation and the choice of rule and threshold, on hand-made studies."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ich.decision import StudyRule
+from ich.labels import ANY, DEFAULT_THRESHOLDS, LABELS
+from training import studies
+from training.data import Headers
+
+
+def make_set(specs):
+    """specs: (any probabilities in instance order, bleeding instance indices) per study."""
+    labels, probs, study_uids, series, positions, instances = [], [], [], [], [], []
+    for s, (p, bleeding) in enumerate(specs):
+        for i, value in enumerate(p):
+            y = np.zeros(len(LABELS))
+            if i in bleeding:
+                y[LABELS.index("subdural")] = y[-1] = 1
+            labels.append(y)
+            probs.append([value] * len(LABELS))
+            study_uids.append(f"1.2.{s}")
+            series.append(f"1.2.{s}.1")
+            positions.append(-5.0 * i)          # feet first: z falls as instances rise
+            instances.append(i + 1)
+    headers = Headers(np.array(study_uids), np.array(series), np.array(positions, float),
+                      np.array(instances, float))
+    # Rows shuffled, as the input pipeline may deliver them.
+    order = np.random.default_rng(0).permutation(len(labels))
+    return studies.StudySet.build(np.array(labels)[order], np.array(probs)[order], headers.take(order))
+
+
+def spiky_normals(n, rng):
+    """Normal studies with one isolated high slice: what a per-slice threshold pages on."""
+    out = []
+    for _ in range(n):
+        p = list(rng.uniform(0.01, 0.1, 20))
+        p[int(rng.integers(2, 18))] = rng.uniform(0.6, 0.95)
+        out.append((p, set()))
+    return out
+
+
+def bleeds(n, rng):
+    """Bleeds over 4 adjacent slices, two of which the model sees clearly."""
+    out = []
+    for _ in range(n):
+        p = list(rng.uniform(0.01, 0.1, 20))
+        start = int(rng.integers(3, 14))
+        p[start:start + 4] = [0.3, rng.uniform(0.7, 0.99), rng.uniform(0.7, 0.99), 0.4]
+        out.append((p, set(range(start, start + 4))))
+    return out
+
+
+def test_chooses_the_neighbour_rule_when_normals_have_isolated_spikes():
+    rng = np.random.default_rng(1)
+    calibration = make_set(spiky_normals(20, rng) + bleeds(20, rng))
+    rule, rows = studies.choose_rule(calibration, 0.95)
+    assert rule.name == "consecutive" and rule.k == 2
+    by_name = {r["rule"]: r for r in rows}
+    assert set(by_name) == {"max", "consecutive-2", "consecutive-3", "topk-2", "topk-3"}
+    assert by_name["consecutive-2"]["specificity"] == 1.0 and by_name["max"]["specificity"] <= 0.8
+    for r in rows:
+        assert r["recall"] >= 0.95 and r["tp"] + r["fn"] == 20 and r["tn"] + r["fp"] == 20
+    # On fresh studies of the same kind the choice holds up.
+    test = make_set(spiky_normals(30, rng) + bleeds(30, rng))
+    m = studies.study_metrics(test, rule)
+    assert m["studies"] == 60 and m["positive_studies"] == 30 and m["normal_studies"] == 30
+    assert m["fp"] == 0 and m["false_alerts_per_100_normal"] == 0.0 and m["auc"] == 1.0
+    assert m["subtype_auc"]["subdural"] == 1.0 and m["subtype_auc"]["epidural"] is None
+    assert studies.study_metrics(test, StudyRule("max", 1, rule.thresholds))["fp"] > 10
+
+
+def test_threshold_is_the_highest_reaching_the_target_study_recall():
+    rng = np.random.default_rng(2)
+    calibration = make_set(bleeds(20, rng) + spiky_normals(5, rng))
+    rule, _ = studies.choose_rule(calibration, 0.9, candidates=[("max", 1)])
+    scores = calibration.scores(rule)[:, -1]
+    truth = calibration.truth()[:, -1] > 0
+    # ⌈0.9 · 20⌉ = 18 bleeds at or above it, and no higher threshold keeps 18.
+    assert np.sum(scores[truth] >= rule.thresholds[ANY]) == 18
+    assert np.sum(scores[truth] > rule.thresholds[ANY]) < 18
+    # Without a target (or without bleeds), the defaults and `max`.
+    plain, rows = studies.choose_rule(calibration, None)
+    assert (plain.name, dict(plain.thresholds), rows) == ("max", DEFAULT_THRESHOLDS, [])
+
+
+def test_alert_delay_replays_arrival_in_instance_order():
+    # Bleed on instances 5–8 (indices 4–7); at 0.5, max fires at index 6 (0.6) and
+    # consecutive-2 at index 7 (0.6 and 0.9 are the first two neighbours >= 0.5).
+    p = [0.05] * 4 + [0.3, 0.45, 0.6, 0.9] + [0.05] * 4
+    one = make_set([(p, {4, 5, 6, 7})])
+    r = StudyRule("consecutive", 2, {**DEFAULT_THRESHOLDS, ANY: 0.5})
+    assert studies.alert_delay(one, r) == {"studies": 1, "median": 3.0, "p95": 3.0, "max": 3}
+    assert studies.alert_delay(one, StudyRule("max", 1, r.thresholds))["median"] == 2.0
+    early = StudyRule("max", 1, {**DEFAULT_THRESHOLDS, ANY: 0.25})
+    assert studies.alert_delay(one, early)["median"] == 0.0
+    assert studies.alerting_studies(one, r) == ["1.2.0"]
+
+
+def test_study_curves_plot(tmp_path):
+    rng = np.random.default_rng(3)
+    s = make_set(spiky_normals(6, rng) + bleeds(6, rng))
+    path = studies.plot_study_curves(s, StudyRule("consecutive", 2, {**DEFAULT_THRESHOLDS, ANY: 0.5}),
+                                     tmp_path / "study.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rule_specs():
+    assert studies.candidates("auto") == studies.CANDIDATES
+    assert studies.candidates("topk-3") == (("topk", 3),) and studies.candidates("max") == (("max", 1),)
+    for bad in ("median", "consecutive-0", "topk-x"):
+        with pytest.raises(ValueError):
+            studies.candidates(bad)

@@ -1,0 +1,67 @@
+"""The worker's streaming study decision against training's offline one, on the same
+probabilities: StudyStore (real Redis) fed batch by batch must fire `first_positive` at the batch
+holding the slice `StudyRule.first_positive_index` names, and its final verdict must be the one
+`training.studies` reports for the whole study."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from ich.decision import StudyRule
+from ich.labels import ANY, DEFAULT_THRESHOLDS, LABELS
+from ich.queue import SliceMeta
+from training import studies as offline
+from training.data import Headers
+from worker.study import FIRST_POSITIVE, SliceResult, StudyStore
+
+
+def random_study(rng, n):
+    """Noise, sometimes a run of high slices, sometimes a lone spike; instance order = z order."""
+    p = rng.uniform(0.0, 0.4, (n, len(LABELS)))
+    if rng.random() < 0.5:
+        start = int(rng.integers(0, max(1, n - 3)))
+        p[start:start + int(rng.integers(1, 4)), :] = rng.uniform(0.5, 1.0)
+    if rng.random() < 0.5:
+        p[int(rng.integers(0, n))] = rng.uniform(0.6, 1.0)
+    return p
+
+
+@pytest.mark.parametrize("name,k", [("max", 1), ("consecutive", 2), ("topk", 3)])
+def test_streaming_and_offline_decide_alike(redis_url, name, k):
+    rng = np.random.default_rng({"max": 1, "consecutive": 2, "topk": 3}[name])
+    rule = StudyRule(name, k, {**DEFAULT_THRESHOLDS, ANY: 0.55, "subdural": 0.6})
+    store = StudyStore(redis.Redis.from_url(redis_url), ttl_s=600)
+    offline_rows = []
+    for s in range(25):
+        n = int(rng.integers(3, 16))
+        p = random_study(rng, n)
+        uid, series = f"1.2.3.{name}.{s}", f"1.2.3.{name}.{s}.1"
+        metas = [SliceMeta(uid, series, f"{uid}.{i}", instance_number=i + 1, slice_position=100.0 - 5 * i)
+                 for i in range(n)]
+        # Streaming: random batch boundaries, the worker's decision after each batch.
+        cuts = sorted(set(rng.integers(1, n, size=int(rng.integers(0, 4))).tolist()) | {n})
+        fired_batch_end, start = None, 0
+        for end in cuts:
+            store.record([SliceResult(m, dict(zip(LABELS, map(float, row))))
+                          for m, row in zip(metas[start:end], p[start:end])], rule, "v1")
+            alert = store.build_alert(FIRST_POSITIVE, uid)
+            if alert["positive"][ANY] and fired_batch_end is None:
+                fired_batch_end = end
+            start = end
+        # Offline: the replay training and evaluation use, slice by slice in instance order.
+        headers = Headers(np.array([uid] * n), np.array([series] * n),
+                          np.array([m.slice_position for m in metas]), np.arange(1.0, n + 1))
+        study = offline.StudySet.build(np.zeros((n, len(LABELS))), p, headers)[0]
+        index = rule.first_positive_index(study.slices(study.arrival()))
+        if index is None:
+            assert fired_batch_end is None
+        else:   # the alert fires with the batch that delivered that slice
+            assert fired_batch_end == next(end for end in cuts if end > index)
+        final = store.build_alert("study_summary", uid)
+        assert final["positive"] == {label: bool(final["scores"][label] >= rule.thresholds[label])
+                                     for label in LABELS}
+        np.testing.assert_allclose([final["scores"][label] for label in LABELS],
+                                   offline.StudySet([study]).scores(rule)[0])
+        offline_rows.append(final["positive"][ANY])
+    assert 0 < sum(offline_rows) < len(offline_rows)   # both verdicts occurred

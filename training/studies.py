@@ -1,0 +1,238 @@
+"""Study-level evaluation: the figures that say whether an alert can be trusted (DESIGN §7).
+
+Slice predictions are grouped into studies (`StudySet`), the shared study rule of
+`ich.decision` turns each study into one score per label, and the figures are the ones a stroke
+team would ask for: study AUC, recall, specificity and PPV at the operating point (with counts),
+false alerts per 100 normal studies, per-subtype study AUC, and how many slices after the first
+truly bleeding slice the alert fires, replaying arrival in instance order exactly as the worker
+would see it.
+
+The operating point is chosen on calibration studies (`choose_rule`): each candidate rule gets
+the highest `any` threshold whose study recall reaches the target; the candidate with the best
+calibration specificity wins (then AUC, then the wider margin above the highest normal study,
+then the simpler rule). Figures are then reported on test studies that chose nothing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ich.decision import SliceScore, StudyRule
+from ich.labels import ANY, DEFAULT_THRESHOLDS, LABELS, SUBTYPES
+
+#: The rules measured by default; the first is the plain "max over slices".
+CANDIDATES: tuple[tuple[str, int], ...] = (("max", 1), ("consecutive", 2), ("consecutive", 3),
+                                            ("topk", 2), ("topk", 3))
+
+
+def candidates(spec: str = "auto") -> tuple[tuple[str, int], ...]:
+    """`auto` (every rule of CANDIDATES, the best on calibration wins) or one rule, `max`,
+    `consecutive-K` or `topk-K`."""
+    if spec == "auto":
+        return CANDIDATES
+    name, _, k = spec.partition("-")
+    try:
+        StudyRule(name, int(k or 1))
+    except ValueError:
+        raise ValueError(f"study rule must be auto, max, consecutive-K or topk-K, not {spec!r}") from None
+    return ((name, int(k or 1)),)
+
+
+@dataclass
+class Study:
+    uid: str
+    labels: np.ndarray          # (n, 6) slice labels
+    probabilities: np.ndarray   # (n, 6)
+    series: np.ndarray          # (n,)
+    positions: np.ndarray       # (n,) z, NaN where unknown
+    instances: np.ndarray       # (n,) instance numbers, NaN where unknown
+
+    @property
+    def truth(self) -> np.ndarray:
+        """(6,) the study has this label when any of its slices has it."""
+        return self.labels.max(axis=0) if len(self.labels) else np.zeros(len(LABELS))
+
+    def arrival(self) -> np.ndarray:
+        """Row order in which a sender would transmit the study: instance number, then z."""
+        key_i = np.where(np.isnan(self.instances), np.inf, self.instances)
+        key_z = np.where(np.isnan(self.positions), np.inf, self.positions)
+        return np.lexsort((key_z, key_i))
+
+    def slices(self, order=None) -> list[SliceScore]:
+        rows = range(len(self.labels)) if order is None else order
+        return [SliceScore(self.probabilities[r], str(self.series[r]),
+                           None if math.isnan(self.positions[r]) else float(self.positions[r]), int(r))
+                for r in rows]
+
+
+class StudySet(list):
+    """The studies of one split, built from the slice predictions that exist (skipped slices
+    are simply absent, as a failed slice is absent from the worker's study)."""
+
+    @classmethod
+    def build(cls, labels: np.ndarray, probabilities: np.ndarray, headers) -> "StudySet":
+        groups: dict[str, list[int]] = {}
+        for row, uid in enumerate(headers.studies):
+            groups.setdefault(str(uid), []).append(row)
+        out = cls()
+        for uid, rows in groups.items():
+            r = np.asarray(rows)
+            out.append(Study(uid, np.asarray(labels)[r], np.asarray(probabilities)[r],
+                             headers.series[r], headers.positions[r], headers.instances[r]))
+        return out
+
+    def truth(self) -> np.ndarray:
+        return np.array([s.truth for s in self]).reshape(-1, len(LABELS))
+
+    def scores(self, rule: StudyRule) -> np.ndarray:
+        """(studies, 6) study scores under `rule`, every slice of each study present."""
+        return np.array([rule.scores(s.probabilities, s.series, s.positions) for s in self]
+                        ).reshape(-1, len(LABELS))
+
+
+# ----------------------------------------------------------------------------- operating point
+
+
+def choose_rule(studies: StudySet, target_recall: float | None,
+                candidates=CANDIDATES) -> tuple[StudyRule, list[dict]]:
+    """The rule and per-label study thresholds for `target_recall`, chosen on `studies`
+    (calibration). Returns the rule and one row per candidate (what each achieved), for the
+    model card. Without a target, or without positive calibration studies, `max` with the
+    default thresholds."""
+    from training.evaluate import auc, choose_threshold
+
+    truth = studies.truth()
+    if target_recall is None or not truth[:, -1].any():
+        return StudyRule("max", 1, dict(DEFAULT_THRESHOLDS)), []
+    rows, best, best_key = [], None, None
+    for rank, (name, k) in enumerate(candidates):
+        rule = StudyRule(name, k)
+        scores = studies.scores(rule)
+        thresholds = dict(DEFAULT_THRESHOLDS)
+        for i, label in enumerate(LABELS):
+            t = choose_threshold(truth[:, i], scores[:, i], target_recall)
+            if t is not None:
+                thresholds[label] = float(min(max(t, 1e-7), 1 - 1e-7))
+        rule = rule.with_thresholds(thresholds)
+        point = _point(truth[:, -1], scores[:, -1], thresholds[ANY])
+        margin = _margin(truth[:, -1], scores[:, -1], thresholds[ANY])
+        a = auc(truth[:, -1], scores[:, -1])
+        rows.append({"rule": str(rule), "threshold": thresholds[ANY], "auc": a, **point,
+                     "margin_logit": margin})
+        key = (point["specificity"] or 0.0, a or 0.0, margin, -rank)
+        if best_key is None or key > best_key:
+            best, best_key = rule, key
+    return best, rows
+
+
+def _point(y, scores, threshold) -> dict:
+    y = np.asarray(y) > 0.5
+    alerted = np.asarray(scores) >= threshold
+    tp, fn = int(np.sum(alerted & y)), int(np.sum(~alerted & y))
+    fp, tn = int(np.sum(alerted & ~y)), int(np.sum(~alerted & ~y))
+    ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
+    return {"recall": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+            "ppv": ratio(tp, tp + fp), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+
+
+def _margin(y, scores, threshold) -> float:
+    """logit(threshold) − logit(highest normal study's score below it): how far the nearest
+    normal study sits under the operating point (larger: less fragile)."""
+    y = np.asarray(y) > 0.5
+    below = np.asarray(scores)[~y & (np.asarray(scores) < threshold)]
+    if not below.size:
+        return 0.0
+    logit = lambda p: math.log(max(p, 1e-7) / max(1 - p, 1e-7))  # noqa: E731
+    return round(logit(threshold) - logit(float(below.max())), 4)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def study_metrics(studies: StudySet, rule: StudyRule) -> dict:
+    """Every study-level figure of a split under `rule` and its thresholds, as JSON types."""
+    from training.evaluate import auc
+
+    truth, scores = studies.truth(), studies.scores(rule)
+    normals = int(np.sum(truth[:, -1] < 0.5))
+    point = _point(truth[:, -1], scores[:, -1], rule.thresholds[ANY])
+    per_label = {}
+    for i, label in enumerate(LABELS):
+        per_label[label] = {"auc": auc(truth[:, i], scores[:, i]), "threshold": rule.thresholds[label],
+                            "studies_positive": int(truth[:, i].sum()),
+                            **_point(truth[:, i], scores[:, i], rule.thresholds[label])}
+    return {
+        "rule": rule.describe(), "studies": len(studies), "positive_studies": len(studies) - normals,
+        "normal_studies": normals, "auc": auc(truth[:, -1], scores[:, -1]), **point,
+        "false_alerts_per_100_normal": (round(100.0 * point["fp"] / normals, 2) if normals else None),
+        "alert_delay_slices": alert_delay(studies, rule),
+        "per_label": per_label,
+        "subtype_auc": {s: per_label[s]["auc"] for s in SUBTYPES},
+    }
+
+
+def alert_delay(studies: StudySet, rule: StudyRule) -> dict:
+    """For positive studies that alert: slices sent after the first truly bleeding slice
+    before the alert fires (0 = at that slice; negative = a non-bleeding slice triggered it),
+    replaying arrival in instance order."""
+    delays = []
+    for s in studies:
+        if s.truth[-1] < 0.5:
+            continue
+        order = s.arrival()
+        fired = rule.first_positive_index(s.slices(order))
+        if fired is None:
+            continue
+        first_bleed = int(np.flatnonzero(s.labels[order, -1] > 0.5)[0])
+        delays.append(fired - first_bleed)
+    if not delays:
+        return {"studies": 0, "median": None, "p95": None, "max": None}
+    d = np.asarray(delays, np.float64)
+    return {"studies": len(delays), "median": float(np.median(d)),
+            "p95": float(np.percentile(d, 95)), "max": int(d.max())}
+
+
+def alerting_studies(studies: StudySet, rule: StudyRule) -> list[str]:
+    """The UIDs of the studies the worker would raise a `first_positive` for."""
+    return [s.uid for s, score in zip(studies, studies.scores(rule)[:, -1])
+            if score >= rule.thresholds[ANY]]
+
+
+def plot_study_curves(studies: StudySet, rule: StudyRule, path: Path) -> Path:
+    """Study-level ROC and precision–recall of `any`, the operating point marked."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from training.evaluate import _pyplot
+
+    plt = _pyplot()
+    truth, scores = studies.truth()[:, -1], studies.scores(rule)[:, -1]
+    point = _point(truth, scores, rule.thresholds[ANY])
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, title, xlabel, ylabel in ((roc, "study ROC (any)", "1 − specificity", "recall"),
+                                      (pr, "study precision–recall (any)", "recall", "precision (PPV)")):
+        ax.set_title(f"{title}, rule {rule}")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if 0 < truth.sum() < len(truth):
+        fpr, tpr, _ = roc_curve(truth, scores)
+        roc.plot(fpr, tpr, lw=1.5)
+        precision, recall, _ = precision_recall_curve(truth, scores)
+        pr.plot(recall, precision, lw=1.5)
+        label = f"t={rule.thresholds[ANY]:.3g}: {point['tp']}/{point['tp'] + point['fn']} bleeds, " \
+                f"{point['fp']}/{point['fp'] + point['tn']} normals alerted"
+        roc.plot(1 - (point["specificity"] or 0), point["recall"] or 0, "ro", label=label)
+        if point["ppv"] is not None:
+            pr.plot(point["recall"] or 0, point["ppv"], "ro")
+        roc.legend(loc="lower right", fontsize=8)
+    else:
+        roc.text(0.5, 0.5, "one class only", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
