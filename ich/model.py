@@ -58,6 +58,10 @@ class ModelCard:
     # A card written before study rules existed reads as "max", which is what it did.
     study_rule: dict[str, Any] = field(default_factory=lambda: {"name": "max", "k": 1})
     slice_thresholds: dict[str, float] = field(default_factory=dict)   # reference only
+    # "ok", or "failed": training's quality check found a model that learned nothing useful;
+    # workers refuse it unless ICH_ALLOW_FAILED_MODEL (`verdict` says why).
+    status: str = "ok"
+    verdict: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     metrics: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +72,8 @@ class ModelCard:
             raise ArtifactError(f"model labels {self.labels} differ from {list(LABELS)}")
         if [tuple(w.values()) for w in self.windows] != [tuple(w) for w in WINDOWS]:
             raise ArtifactError(f"model windows {self.windows} differ from ich.imaging.WINDOWS")
+        if self.status not in ("ok", "failed"):
+            raise ArtifactError(f"status {self.status!r} is neither ok nor failed")
         if not 32 <= int(self.input_size) <= 1024:
             raise ArtifactError(f"input_size {self.input_size} out of range")
         for label, value in {**self.thresholds, **self.slice_thresholds}.items():

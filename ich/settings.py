@@ -58,6 +58,15 @@ def _probability(raw: str) -> float:
     return value
 
 
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off")
+
+
 def _ae_title(raw: str) -> str:
     value = raw.strip()
     if not _AE_TITLE.match(value):
@@ -131,6 +140,9 @@ class Settings:
     dicom_timeout_s: float = _setting(
         "ICH_DICOM_TIMEOUT_S", "30", _positive_float, "ACSE, DIMSE and network timeouts")
     model_dir: Path = _setting("ICH_MODEL_DIR", "models/current", Path, "model artifact folder")
+    allow_failed_model: bool = _setting(
+        "ICH_ALLOW_FAILED_MODEL", "0", _boolean,
+        "serve a model whose card says training failed its quality check (inspection only)")
     batch_max: int = _setting("ICH_BATCH_MAX", "32", _int_range(1, 1024), "slices per batch")
     batch_window_ms: int = _setting(
         "ICH_BATCH_WINDOW_MS", "50", _int_range(1, 60000), "longest wait to fill a batch")

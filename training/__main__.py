@@ -29,8 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     from ich.model import ModelCard
 
     card = ModelCard.read(folder)
+    if card.status == "failed":
+        reasons = "; ".join(card.verdict["reasons"])
+        print(f"error: the model learned nothing a worker should serve ({reasons}); {folder} is kept "
+              "for inspection, marked failed, and was not promoted"
+              + (" (--allow-failed: promoted anyway)" if config.allow_failed and config.promote else ""),
+              file=sys.stderr)
+        if not config.allow_failed:
+            return 3
     study = card.metrics["study"]
-    print(json.dumps({"artifact": str(folder), "study_rule": card.study_rule,
+    print(json.dumps({"artifact": str(folder), "status": card.status, "study_rule": card.study_rule,
                       "thresholds": card.thresholds,
                       "test_studies": {k: study[k] for k in (
                           "studies", "auc", "recall", "specificity", "ppv", "tp", "fn", "tn", "fp",

@@ -90,6 +90,30 @@ def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str,
             "specificity": ratio(tn, tn + fp)}
 
 
+#: The quality bar a trained model must clear before it may be promoted (issue 16): held-out
+#: weighted log loss at most this share of the prevalence-only loss...
+MAX_LOSS_RATIO = 0.9
+#: ...and an `any` ROC AUC at least this (where the held-out slices hold both classes).
+MIN_ANY_AUC = 0.75
+
+
+def verdict(result: dict) -> dict:
+    """Did the model learn? From the slice figures of `metrics()` on held-out data: a model
+    whose weighted log loss is not clearly below predicting the prevalence, or whose `any` AUC is
+    near chance, learned nothing a worker should serve, however normal its artifact looks."""
+    ratio = result["weighted_log_loss"] / max(result["prevalence_log_loss"], 1e-12)
+    any_auc = result["per_label"]["any"]["auc"]
+    reasons = []
+    if ratio > MAX_LOSS_RATIO:
+        reasons.append(f"held-out weighted log loss {result['weighted_log_loss']:.4f} is "
+                       f"{ratio:.2f} x the prevalence-only {result['prevalence_log_loss']:.4f} "
+                       f"(must be <= {MAX_LOSS_RATIO})")
+    if any_auc is not None and any_auc < MIN_ANY_AUC:
+        reasons.append(f"held-out any AUC {any_auc:.3f} < {MIN_ANY_AUC}")
+    return {"passed": not reasons, "reasons": reasons, "loss_ratio": round(ratio, 4),
+            "any_auc": any_auc, "max_loss_ratio": MAX_LOSS_RATIO, "min_any_auc": MIN_ANY_AUC}
+
+
 def auc(y: np.ndarray, p: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
@@ -196,6 +220,23 @@ def predict_rows(forward, slices, decoder, batch_size: int = 32, workers: int = 
     return np.concatenate(rows), np.concatenate(probs).astype(np.float32)
 
 
+def write_predictions(path: Path, parts: dict) -> None:
+    """Slice predictions with where each slice lies ({part: (slices, headers, probabilities)}),
+    so a study rule or a threshold can be re-examined without running the model again."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "image_id", "study_instance_uid", "series_instance_uid",
+                    "instance_number", "position_z", *[f"y_{l}" for l in LABELS],
+                    *[f"p_{l}" for l in LABELS]])
+        for name, (slices, headers, p) in parts.items():
+            for i in range(len(slices)):
+                w.writerow([name, slices.ids[i], headers.studies[i], headers.series[i],
+                            headers.instances[i], headers.positions[i],
+                            *map(int, slices.labels[i]), *(f"{x:.6g}" for x in p[i])])
+
+
 def compiled_forward(model):
     """A compiled inference-mode forward pass, traced once for any batch size (DESIGN §6:
     much faster than `model.predict` per batch)."""
@@ -205,7 +246,7 @@ def compiled_forward(model):
 
 
 def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
-                      batch_size: int = 32, workers: int = 2) -> dict:
+                      batch_size: int = 32, workers: int = 2, predictions: Path | None = None) -> dict:
     """Score an artifact on an RSNA-layout folder: slice figures at the card's slice
     thresholds, study figures under the card's study rule and thresholds (what a worker
     serving it would decide), and the studies that would alert."""
@@ -222,11 +263,16 @@ def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
     y = trainset.labels[rows]
     slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
     rule = card.rule()
-    study_set = StudySet.build(y, p, slice_headers(trainset.paths[rows]))
-    result = {"model": card.version, "data": str(data_dir), **metrics(y, p, slice_thresholds),
+    headers = slice_headers(trainset.paths[rows])
+    study_set = StudySet.build(y, p, headers)
+    if predictions is not None:
+        write_predictions(predictions, {"evaluate": (trainset.take(rows), headers, p)})
+    result = {"model": card.version, "status": card.status, "data": str(data_dir),
+              **metrics(y, p, slice_thresholds),
               "study": study_metrics(study_set, rule),
               "alerting_studies": sorted(alerting_studies(study_set, rule)),
               "read": trainset.report(), "decode": decoder.report()}
+    result["verdict"] = verdict(result)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(plot_precision_recall(y, p, slice_thresholds, plots / "precision_recall.png")),
@@ -240,6 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, type=Path, help="artifact folder (model.keras + model.json)")
     parser.add_argument("--data", required=True, type=Path, help="folder with stage_2_train.csv + stage_2_train/")
     parser.add_argument("--plots", type=Path, help="folder for the plots (default var/evaluate/<version>)")
+    parser.add_argument("--predictions", type=Path, metavar="CSV",
+                        help="also write every slice's prediction with its study, series, instance and z")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
@@ -249,10 +297,14 @@ def main(argv=None) -> int:
 
     try:
         plots = args.plots or Path("var/evaluate") / ModelCard.read(args.model).version
-        result = evaluate_artifact(args.model, args.data, plots, args.batch_size, args.workers)
+        result = evaluate_artifact(args.model, args.data, plots, args.batch_size, args.workers,
+                                   args.predictions)
     except (ArtifactError, DataError, ValueError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(json.dumps(result, indent=2))
+    v = result["verdict"]
+    print(f"verdict on {args.data}: " + ("passed" if v["passed"] else "FAILED: " + "; ".join(v["reasons"])),
+          file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ich.labels import LABELS, WEIGHT_VECTOR
 from training import evaluate, studies
-from training.config import TrainConfig
+from training.config import TrainConfig, steps_per_epoch, use_cache
 from training.data import (Decoder, Slices, dataset, positive_odds_ratio, read_trainset, slice_headers,
                            split)
 from training.studies import StudySet
@@ -308,11 +308,12 @@ def run(config: TrainConfig) -> Path:
         batch_size=config.batch_size, learning_rate=config.learning_rate,
         num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
         weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
-        loss=config.loss, steps_per_epoch=config.steps_per_epoch, augment=config.augment,
-        bn_recalibrate=config.bn_recalibrate, validate_from=config.validate_from,
-        positive_fraction=config.positive_fraction,
-        workers=config.workers, cache=config.cache,
-        seed=config.seed)
+        loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train)),
+        augment=config.augment, bn_recalibrate=config.bn_recalibrate,
+        validate_from=config.validate_from, positive_fraction=config.positive_fraction,
+        workers=config.workers, cache=use_cache(config, len(train)), seed=config.seed)
+    log.info("%d epochs x %d steps of %d, cache %s", config.epochs, deep.steps_per_epoch or
+             math.ceil(len(train) / config.batch_size), config.batch_size, deep.cache)
     history = deep.fit_model(train, calib).history
     # Calibration chose the epoch; it now chooses the operating point. Test chooses nothing.
     v = deep.validation
@@ -332,6 +333,7 @@ def run(config: TrainConfig) -> Path:
                                "study": studies.study_metrics(calib_studies, rule),
                                "rules": candidates},
                "best_epoch": v.best_epoch, "seconds": round(time.perf_counter() - started, 1)}
+    quality = evaluate.verdict(results)   # did it learn? (on test: it chose nothing)
     card = ModelCard(
         version=config.version or default_version(config.engine), engine=config.engine,
         input_size=config.input_size, thresholds=dict(rule.thresholds),
@@ -346,14 +348,17 @@ def run(config: TrainConfig) -> Path:
               "read": trainset.report(), "skipped_train": deep.train_decoder.report(),
               "skipped_calibration": v.decoder.report(), "skipped_test": test_decoder.report(),
               "train_prevalence": dict(zip(LABELS, map(float, train.prevalence())))},
-        notes=_notes(config, rule))
+        notes=_notes(config, rule),
+        status="ok" if quality["passed"] else "failed", verdict=quality)
     out = save_artifact(deep.model, card, Path(config.out))
     write_extras(out, config, history, test_y, test_p, slice_thresholds)
-    write_predictions(out / "predictions.csv", {
+    evaluate.write_predictions(out / "predictions.csv", {
         "calibration": (calib.take(v.rows), headers.take(calib_idx[v.rows]), v.p),
         "test": (test.take(test_rows), headers.take(test_idx[test_rows]), test_p)})
     studies.plot_study_curves(test_studies, rule, out / "study_curves.png")
-    if config.promote:
+    if not quality["passed"]:
+        log.error("model %s FAILED the quality check: %s", card.version, "; ".join(quality["reasons"]))
+    if config.promote and (quality["passed"] or config.allow_failed):
         promote(out, Path(config.out) / "current")
         log.info("promoted %s to %s", out.name, Path(config.out) / "current")
     return out
@@ -369,23 +374,6 @@ def _notes(config: TrainConfig, rule) -> str:
             "predictions on the test split, which chose nothing. A study is positive for a label "
             "when the rule's study score >= that label's threshold; slice_thresholds are the "
             "slice-level operating points, for reference only.")
-
-
-def write_predictions(path: Path, parts: dict) -> None:
-    """Every calibration and test prediction with where its slice lies, so a study rule or a
-    threshold can be re-examined without running the model again."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "image_id", "study_instance_uid", "series_instance_uid",
-                    "instance_number", "position_z", *[f"y_{l}" for l in LABELS],
-                    *[f"p_{l}" for l in LABELS]])
-        for name, (slices, headers, p) in parts.items():
-            for i in range(len(slices)):
-                w.writerow([name, slices.ids[i], headers.studies[i], headers.series[i],
-                            headers.instances[i], headers.positions[i],
-                            *map(int, slices.labels[i]), *(f"{x:.6g}" for x in p[i])])
 
 
 def write_extras(folder: Path, config: TrainConfig, history: dict, y, p, thresholds) -> None:

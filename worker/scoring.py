@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from ich import imaging, keys
 from ich.decision import StudyRule
 from ich.labels import ANY, LABELS
-from ich.model import load_artifact
+from ich.model import ArtifactError, load_artifact
 from ich.queue import SliceMeta
 from ich.settings import Settings
 from worker import metrics
@@ -44,6 +44,14 @@ class Scorer:
         # oversubscribes the cores and spin-waits against TensorFlow (measured: 5x slower).
         threadpool_limits(1, user_api="blas")
         self.model, self.card = load_artifact(model_dir or settings.model_dir)
+        if self.card.status == "failed":
+            if not settings.allow_failed_model:
+                raise ArtifactError(
+                    f"model {self.card.version} failed training's quality check "
+                    f"({'; '.join(self.card.verdict.get('reasons', [])) or 'see model.json'}): "
+                    "not serving it (ICH_ALLOW_FAILED_MODEL=1 serves it anyway, for inspection)")
+            log.warning("serving model %s although it FAILED training's quality check "
+                        "(ICH_ALLOW_FAILED_MODEL)", self.card.version)
         self.version = self.card.version
         self.size = int(self.card.input_size)
         # The study decision training calibrated (ich.decision), ICH_THRESHOLD_* on top.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -135,13 +136,24 @@ def test_reference_api_keeps_its_defaults():
 
 
 def test_config_precedence_reference_recipe_file_flags(tmp_path):
-    real = config.load(["--data", "d"])
+    # One recipe for every source: from scratch, the measured recipe, --data or phantoms.
+    for source in (["--data", "d"], ["--synthetic-studies", "90"]):
+        c = config.load(source)
+        assert c.recipe == "scratch" and (c.input_size, c.learning_rate, c.bn_momentum,
+                                          c.positive_fraction, c.steps_per_epoch) == (128, 1e-3, 0.9, 0.3, 0)
+        assert (c.split, c.target_recall, c.study_rule) == ("study", 0.95, "auto")   # study recall
+    real = config.load(["--data", "d", "--recipe", "reference"])
     assert (real.engine, real.input_size, real.batch_size, real.learning_rate, real.epochs,
-            real.decay_rate, real.decay_steps, real.weights, real.split) == (
-        "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "study")
-    assert (real.target_recall, real.study_rule) == (0.95, "auto")   # study recall, every source
-    phantom = config.load(["--synthetic-studies", "90"])
-    assert phantom.split == "study" and phantom.input_size == config.SYNTHETIC_RECIPE["input_size"]
+            real.decay_rate, real.decay_steps, real.weights, real.split, real.steps_per_epoch) == (
+        "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "study", None)
+    assert config.load(["--data", "d", "--weights", "imagenet"]).recipe == "reference"
+    # auto steps: >= 60 per epoch, about two passes in all; auto cache within the budget
+    auto = config.load(["--data", "d"])
+    assert config.steps_per_epoch(auto, 1_440) == 60
+    assert config.steps_per_epoch(auto, 451_000) == math.ceil(2 * 451_000 / (32 * 5))
+    assert config.steps_per_epoch(real, 1_440) is None
+    assert config.use_cache(auto, 5_000) and not config.use_cache(auto, 451_000)
+    assert not config.use_cache(real, 10)
 
     toml = tmp_path / "run.toml"
     toml.write_text('data = "x"\nbatch-size = 8\nepochs = 5\nsplit = "study"\n')
@@ -156,6 +168,8 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
         config.load(["--config", str(toml), "--data", "d"])
     with pytest.raises(SystemExit):
         config.load(["--data", "d", "--split", "patient"])
+    with pytest.raises(SystemExit):
+        config.load(["--data", "d", "--recipe", "fast"])
     with pytest.raises(config.ConfigError, match="study rule"):
         config.load(["--data", "d", "--study-rule", "median"])
 

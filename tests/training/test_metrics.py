@@ -99,3 +99,21 @@ def test_metrics_report_every_label_and_undefined_auc_as_none(tmp_path):
     assert m["weighted_log_loss"] < m["prevalence_log_loss"]
     png = evaluate.plot_precision_recall(y, p, DEFAULT_THRESHOLDS, tmp_path / "pr.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdict_refuses_a_model_no_better_than_the_prevalence():
+    rng = np.random.default_rng(5)
+    y = (rng.random((400, 6)) < 0.2).astype(np.float32)
+    y[:, -1] = y[:, :5].max(axis=1)
+    learned = np.clip(y * 0.85 + rng.random(y.shape) * 0.1 + 0.02, 0, 1)
+    good = evaluate.verdict(evaluate.metrics(y, learned, DEFAULT_THRESHOLDS))
+    assert good["passed"] and good["reasons"] == [] and good["loss_ratio"] < 0.5
+    prevalence = np.broadcast_to(y.mean(axis=0), y.shape)
+    flat = evaluate.verdict(evaluate.metrics(y, prevalence + rng.normal(0, 1e-3, y.shape), DEFAULT_THRESHOLDS))
+    assert not flat["passed"] and "prevalence-only" in flat["reasons"][0] and len(flat["reasons"]) == 2
+    # Better than the prevalence in log loss but blind on `any`: refused too.
+    blind = learned.copy()
+    blind[:, -1] = rng.random(len(y))
+    result = evaluate.metrics(y, blind, DEFAULT_THRESHOLDS)
+    assert result["per_label"]["any"]["auc"] < evaluate.MIN_ANY_AUC
+    assert not evaluate.verdict(result)["passed"]

@@ -31,8 +31,8 @@ def run(tmp_path_factory):
     argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
             "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
             "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3",
-            "--out", str(root / "models"), "--version", "tiny-1", "--promote"]
-    assert main(argv) == 0
+            "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed"]
+    assert main(argv) == 0   # two steps learn nothing: --allow-failed exports and promotes it
     return {"root": root, "phantoms": phantoms, "broken": broken.stem,
             "artifact": root / "models" / "tiny-1"}
 
@@ -69,6 +69,8 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
     assert d["source"] == "synthetic" and d["split"] == "study"
     assert d["train_images"] + d["calibration_images"] + d["test_images"] == d["read"]["images"]
     assert sum(d["studies"].values()) == 6 and min(d["studies"].values()) >= 1
+    assert card.status == ("ok" if card.verdict["passed"] else "failed")
+    assert card.verdict["loss_ratio"] == pytest.approx(m["weighted_log_loss"] / m["prevalence_log_loss"], abs=1e-4)
 
 
 def test_unreadable_slice_was_skipped_and_reported(run):
@@ -123,6 +125,35 @@ def test_evaluate_cli_prints_metrics_json(run, tmp_path):
     assert study["tp"] + study["fn"] == study["positive_studies"]
     for plot in ("precision_recall.png", "study_curves.png"):
         assert (tmp_path / plot).read_bytes()[:8] == PNG
+
+
+def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path, capsys):
+    """Labels that carry no signal (drawn at random, whatever the image): the command must exit
+    non-zero, keep the artifact marked failed, and leave `current` alone; evaluate says so too."""
+    data = tmp_path / "nosignal"
+    synthetic.generate(data, studies=5, seed=8, slices=(8, 10))
+    rng = np.random.default_rng(0)
+    rows = ["ID,Label"]
+    for line in (data / "stage_2_train.csv").read_text().splitlines()[1:]:
+        image = line.rsplit("_", 1)[0]
+        if line.endswith("_epidural,0") or line.endswith("_epidural,1"):
+            bleed = int(rng.random() < 0.3)
+            rows += [f"{image}_{label},{bleed if label in ('any', 'subdural') else 0}" for label in LABELS]
+    (data / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "models"
+    code = main(["--data", str(data), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--verbose", "0", "--seed", "4", "--out", str(out),
+                 "--version", "nosignal-1", "--promote"])
+    assert code == 3 and "learned nothing" in capsys.readouterr().err
+    assert not (out / "current").exists()
+    card = ModelCard.read(out / "nosignal-1")
+    assert card.status == "failed" and not card.verdict["passed"] and card.verdict["reasons"]
+    assert json.loads((out / "nosignal-1" / "config.json").read_text())["recipe"] == "scratch"
+    proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(out / "nosignal-1"),
+                           "--data", str(data), "--plots", str(tmp_path / "plots")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["verdict"]["passed"] is False and "verdict" in proc.stderr
 
 
 def test_cli_rejects_two_data_sources(run, capsys):

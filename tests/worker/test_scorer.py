@@ -8,6 +8,7 @@ from pydicom.uid import generate_uid
 
 from ich import keys
 from ich.labels import LABELS
+from ich.model import ArtifactError
 from ich.queue import SliceMeta, SliceQueue
 from ich.settings import Settings
 from tests.ctfactory import ct_dataset, lesion_hu, to_bytes
@@ -44,6 +45,16 @@ def queue_slices(redis_url: str, blobs: list[bytes]) -> list[SliceMeta]:
 def test_model_card_and_thresholds_are_applied(scorer):
     assert scorer.size == SIZE and scorer.version == "test-inception-1"
     assert scorer.thresholds["any"] == 0.15 and scorer.thresholds["epidural"] == 0.3
+
+
+def test_a_model_that_failed_its_quality_check_is_refused_unless_forced(redis_url, tmp_path):
+    failed = random_inception(tmp_path / "models", "failed-1", status="failed")
+    client = redis.Redis.from_url(redis_url)
+    with pytest.raises(ArtifactError, match="quality check.*any AUC 0.500"):
+        Scorer(Settings.from_env({"ICH_REDIS_URL": redis_url}), client, failed)
+    forced = Scorer(Settings.from_env({"ICH_REDIS_URL": redis_url, "ICH_ALLOW_FAILED_MODEL": "1"}),
+                    client, failed)
+    assert forced.version == "failed-1"
 
 
 def test_pre_process_decodes_good_slices_and_fails_bad_ones_alone(scorer, redis_url):
