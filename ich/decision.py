@@ -4,8 +4,10 @@ Radiologists act on studies, not slices. A threshold applied to every slice turn
 slice into one more chance of a false alert (with slice specificity s and n normal slices a normal
 study alerts with probability ≈ 1 − sⁿ: 99 % for s = 0.85, n = 30). So the decision is taken per
 study: a rule reduces the slice probabilities of a study to one **study score** per label, and
-the study is positive for a label when that score reaches the label's threshold, chosen on
-calibration *studies* for a target *study* recall (`training.studies`).
+the study is positive for `any` when that score reaches its threshold, chosen on calibration
+*studies* for a target *study* recall (`training.studies`). A subtype is named only on a study
+that is positive for `any`, when its own score reaches its own threshold: an alert is about a
+bleed first, its type second.
 
 Rules (`StudyRule.name`, with `k` slices):
 
@@ -111,8 +113,13 @@ class StudyRule:
         p, series, positions = _columns(slices)
         scores, evidence = _scores(self.name, self.k, p, series, positions)
         named = {label: float(s) for label, s in zip(LABELS, scores)}
-        return Decision(named, {label: named[label] >= self.thresholds[label] for label in LABELS},
-                        evidence)
+        return Decision(named, self.verdict(named), evidence)
+
+    def verdict(self, scores: Mapping[str, float]) -> dict[str, bool]:
+        """Study scores → positive per label: `any` by its threshold, a subtype by its own
+        threshold and only where `any` is positive."""
+        bleed = scores[ANY] >= self.thresholds[ANY]
+        return {label: bool(bleed and scores[label] >= self.thresholds[label]) for label in LABELS}
 
     def first_positive_index(self, slices: Sequence[SliceScore], label: str = ANY) -> int | None:
         """Replay `slices` in the order given (arrival order) and return the index of the slice

@@ -8,8 +8,9 @@ truly bleeding slice the alert fires, replaying arrival in instance order exactl
 would see it.
 
 The operating point is chosen on calibration studies (`choose_rule`): each candidate rule gets,
-per label, the threshold in the middle (in logits) of the gap between the weakest bleeds the
-target study recall keeps and the highest normal study below them (`study_threshold`); the
+for `any`, the threshold in the middle (in logits) of the gap between the weakest bleeds the
+target study recall keeps and the highest normal study below them, and for each subtype the
+same around the threshold of best Youden's J (`study_threshold`); the
 candidate with the best calibration specificity on `any` wins, then the one with the widest gap
 (the most robust separation), then AUC, then the simpler rule. Figures are then reported on test
 studies that chose nothing.
@@ -98,21 +99,30 @@ class StudySet(list):
 # ----------------------------------------------------------------------------- operating point
 
 
-def study_threshold(y, scores, target_recall: float) -> tuple[float | None, float]:
-    """The operating point for `target_recall` on calibration studies, and its gap.
+def study_threshold(y, scores, target_recall: float | None) -> tuple[float | None, float]:
+    """The operating point of one label on calibration studies, and its gap in logits.
 
-    The highest threshold t_hi whose study recall reaches the target fixes the specificity; any
-    threshold down to the highest normal study below t_hi keeps it. Calibration cannot tell those
-    apart, but new studies can: t_hi sits on the weakest bleeds kept, so a slightly weaker bleed
-    is missed. The threshold is therefore the midpoint, in logits, of that gap (a max-margin
-    choice; measured on the first phantom model: t_hi kept 27 of 30 test bleeds, the midpoint 30
-    of 30 with the same normals silent). Returns (threshold, gap in logits); (None, 0) without
-    positives.
+    With `target_recall` (the `any` alert): the highest threshold t_hi whose study recall
+    reaches the target fixes the specificity; without (a subtype, which names the bleed of an
+    alerted study rather than raising one): t_hi maximises Youden's J (recall + specificity − 1;
+    ties: the lower threshold). Any threshold down to the highest normal study below t_hi keeps
+    the same calibration figures, and calibration cannot tell them apart, but new studies can:
+    t_hi sits on the weakest bleeds kept, so a slightly weaker bleed is missed. The threshold is
+    therefore the midpoint, in logits, of that gap (a max-margin choice; measured on the first
+    phantom model: t_hi kept 27 of 30 test bleeds, the midpoint 30 of 30, the same normals
+    silent). Returns (None, 0) without positive studies (or, for Youden, without normal ones).
     """
     from training.evaluate import choose_threshold
 
     y, scores = np.asarray(y) > 0.5, np.asarray(scores, np.float64)
-    high = choose_threshold(y, scores, target_recall)
+    if target_recall is not None:
+        high = choose_threshold(y, scores, target_recall)
+    elif y.any() and not y.all():
+        candidates = np.unique(scores)          # ascending: ties keep the lower threshold
+        j = [np.mean(scores[y] >= t) - np.mean(scores[~y] >= t) for t in candidates]
+        high = float(candidates[int(np.argmax(j))])
+    else:
+        high = None
     if high is None:
         return None, 0.0
     below = scores[~y & (scores < high)]
@@ -140,12 +150,13 @@ def choose_rule(studies: StudySet, target_recall: float | None,
         scores = studies.scores(rule)
         thresholds, gap = dict(DEFAULT_THRESHOLDS), 0.0
         for i, label in enumerate(LABELS):
-            t, label_gap = study_threshold(truth[:, i], scores[:, i], target_recall)
+            t, label_gap = study_threshold(truth[:, i], scores[:, i],
+                                           target_recall if label == ANY else None)
             if t is not None:
                 thresholds[label] = float(min(max(t, 1e-7), 1 - 1e-7))
                 gap = label_gap if label == ANY else gap
         rule = rule.with_thresholds(thresholds)
-        point = _point(truth[:, -1], scores[:, -1], thresholds[ANY])
+        point = _point(truth[:, -1], scores[:, -1] >= thresholds[ANY])
         a = auc(truth[:, -1], scores[:, -1])
         rows.append({"rule": str(rule), "threshold": thresholds[ANY], "auc": a, **point,
                      "gap_logit": gap})
@@ -164,9 +175,8 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def _point(y, scores, threshold) -> dict:
-    y = np.asarray(y) > 0.5
-    alerted = np.asarray(scores) >= threshold
+def _point(y, alerted) -> dict:
+    y, alerted = np.asarray(y) > 0.5, np.asarray(alerted, bool)
     tp, fn = int(np.sum(alerted & y)), int(np.sum(~alerted & y))
     fp, tn = int(np.sum(alerted & ~y)), int(np.sum(~alerted & ~y))
     ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
@@ -183,12 +193,13 @@ def study_metrics(studies: StudySet, rule: StudyRule) -> dict:
 
     truth, scores = studies.truth(), studies.scores(rule)
     normals = int(np.sum(truth[:, -1] < 0.5))
-    point = _point(truth[:, -1], scores[:, -1], rule.thresholds[ANY])
+    verdicts = [rule.verdict(dict(zip(LABELS, row))) for row in scores]
+    point = _point(truth[:, -1], [v[ANY] for v in verdicts])
     per_label = {}
-    for i, label in enumerate(LABELS):
+    for i, label in enumerate(LABELS):   # as alerts name them: a subtype only on an `any` alert
         per_label[label] = {"auc": auc(truth[:, i], scores[:, i]), "threshold": rule.thresholds[label],
                             "studies_positive": int(truth[:, i].sum()),
-                            **_point(truth[:, i], scores[:, i], rule.thresholds[label])}
+                            **_point(truth[:, i], [v[label] for v in verdicts])}
     return {
         "rule": rule.describe(), "studies": len(studies), "positive_studies": len(studies) - normals,
         "normal_studies": normals, "auc": auc(truth[:, -1], scores[:, -1]), **point,
@@ -234,7 +245,7 @@ def plot_study_curves(studies: StudySet, rule: StudyRule, path: Path) -> Path:
 
     plt = _pyplot()
     truth, scores = studies.truth()[:, -1], studies.scores(rule)[:, -1]
-    point = _point(truth, scores, rule.thresholds[ANY])
+    point = _point(truth, scores >= rule.thresholds[ANY])
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, title, xlabel, ylabel in ((roc, "study ROC (any)", "1 − specificity", "recall"),
                                       (pr, "study precision–recall (any)", "recall", "precision (PPV)")):

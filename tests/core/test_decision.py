@@ -72,6 +72,9 @@ def test_subtypes_follow_the_same_rule_with_their_own_thresholds():
     r = StudyRule("consecutive", 2, {**DEFAULT_THRESHOLDS, "subdural": 0.7, "epidural": 0.5, ANY: 0.8})
     positive = r.decide(slices).positive
     assert positive["subdural"] and positive[ANY] and not positive["epidural"]
+    # A subtype is named only on a study positive for `any`.
+    quiet = r.with_thresholds({ANY: 0.9}).decide(slices)
+    assert quiet.scores["subdural"] >= 0.7 and not any(quiet.positive.values())
 
 
 def test_rules_are_validated_and_old_cards_read_as_max():

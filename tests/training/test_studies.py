@@ -68,6 +68,9 @@ def test_chooses_the_neighbour_rule_when_normals_have_isolated_spikes():
     assert m["studies"] == 60 and m["positive_studies"] == 30 and m["normal_studies"] == 30
     assert m["fp"] == 0 and m["false_alerts_per_100_normal"] == 0.0 and m["auc"] == 1.0
     assert m["subtype_auc"]["subdural"] == 1.0 and m["subtype_auc"]["epidural"] is None
+    # Subtypes: Youden's J on calibration (every bleed here is subdural), named only on alerts.
+    assert (m["per_label"]["subdural"]["tp"], m["per_label"]["subdural"]["fp"]) == (30, 0)
+    assert rule.thresholds["epidural"] == DEFAULT_THRESHOLDS["epidural"]   # no epidural to learn from
     assert studies.study_metrics(test, StudyRule("max", 1, rule.thresholds))["fp"] > 10
 
 
