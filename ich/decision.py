@@ -13,11 +13,14 @@ Rules (`StudyRule.name`, with `k` slices):
 
 - ``max``: the highest slice probability (k = 1). One bright slice decides.
 - ``consecutive``: the highest probability that k neighbouring slices of one series all reach
-  (the maximum over windows of k adjacent slices, in position order, of their minimum). A single
-  noisy slice cannot raise it; a bleed seen on k adjacent slices does. A series shorter than k
-  slices scores 0.
+  (the maximum over windows of k neighbouring slices of their minimum). A single noisy slice
+  cannot raise it; a bleed seen on k neighbouring slices does. A series shorter than k slices
+  scores 0.
 - ``topk``: the mean of the k highest slice probabilities of the study; slices not yet received
   count 0, so the score only grows while a study arrives.
+
+A slice sent twice (same instance number, or same z, in one series) counts once, at its higher
+probability.
 
 Streaming: the worker re-evaluates the rule on every slice of the study scored so far each time a
 batch adds to it, and the first time the `any` score reaches its threshold the `first_positive`
@@ -25,8 +28,11 @@ alert fires; nothing waits for the end of the series. `first_positive_index` rep
 function over the prefixes of an arrival order, so offline evaluation and the worker decide
 identically on identical probabilities (a test holds them to it).
 
-Neighbours are neighbours in space: slices are ordered within their series by position (z of
-ImagePositionPatient), else instance number, else arrival. A study's score is its best series'.
+Neighbours are neighbours in space, within one series: consecutive instance numbers when every
+slice of the series has one — a slice not yet received breaks the run, so the score can only
+grow as slices arrive, in any order, and a first_positive is never contradicted by the summary —
+else consecutive z of ImagePositionPatient, else arrival order. A study's score is its best
+series'.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ class SliceScore:
 
     probabilities: Sequence[float]      # LABELS order
     series: str = ""
-    position: float | None = None        # z in mm, or instance number; None: arrival order
+    position: float | None = None        # z of ImagePositionPatient, mm
+    instance: float | None = None        # InstanceNumber
     key: Any = None                      # the caller's handle (SOP Instance UID, row index)
 
 
@@ -104,14 +111,14 @@ class StudyRule:
 
     # --- the decision -----------------------------------------------------------------------
 
-    def scores(self, probabilities, series=None, positions=None) -> np.ndarray:
+    def scores(self, probabilities, series=None, positions=None, instances=None) -> np.ndarray:
         """(n, labels) slice probabilities of one study → (labels,) study scores."""
-        return _scores(self.name, self.k, _matrix(probabilities), series, positions)[0]
+        return _scores(self.name, self.k, _matrix(probabilities), series, positions, instances)[0]
 
     def decide(self, slices: Sequence[SliceScore]) -> Decision:
         """The verdict on a study from the slices scored so far (in any order)."""
-        p, series, positions = _columns(slices)
-        scores, evidence = _scores(self.name, self.k, p, series, positions)
+        p, series, positions, instances = _columns(slices)
+        scores, evidence = _scores(self.name, self.k, p, series, positions, instances)
         named = {label: float(s) for label, s in zip(LABELS, scores)}
         return Decision(named, self.verdict(named), evidence)
 
@@ -125,12 +132,12 @@ class StudyRule:
         """Replay `slices` in the order given (arrival order) and return the index of the slice
         whose arrival first made the study positive for `label`; None if it never does. This is
         exactly what the worker does when each slice arrives in its own batch."""
-        p, series, positions = _columns(slices)
+        p, series, positions, instances = _columns(slices)
         column = LABELS.index(label)
         threshold = self.thresholds[label]
         for i in range(len(slices)):
             s, _ = _scores(self.name, self.k, p[: i + 1], series[: i + 1], positions[: i + 1],
-                           columns=[column])
+                           instances[: i + 1], columns=[column])
             if s[0] >= threshold:
                 return i
         return None
@@ -144,29 +151,62 @@ def _matrix(probabilities) -> np.ndarray:
     return p.reshape(-1, len(LABELS)) if p.size else np.zeros((0, len(LABELS)))
 
 
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the slices of a study lie: per series, runs of neighbouring slice groups. A group
+    is one slice, or the copies of one slice (same instance number, or same z) sent twice."""
+
+    runs: list[list[np.ndarray]]   # per run: groups (row-index arrays) in spatial order
+
+    def groups(self) -> list[np.ndarray]:
+        return [g for run in self.runs for g in run]
+
+
+def _layout(series, positions, instances) -> _Layout:
+    """Neighbours, decided the same way for a whole series: by instance number when every slice
+    of the series has one (consecutive numbers are neighbours: a slice not yet received breaks
+    the run, so a neighbour rule can only grow as slices arrive, in any order); else by z when
+    every slice has one; else in arrival order."""
+    by_series: dict[Any, list[int]] = {}
+    for i, s in enumerate(series):
+        by_series.setdefault(s, []).append(i)
+    runs: list[list[np.ndarray]] = []
+    for rows in by_series.values():
+        rows = np.asarray(rows)
+        inst, pos = instances[rows], positions[rows]
+        if not np.isnan(inst).any():
+            keys, gap = inst, lambda a, b: b - a != 1
+        elif not np.isnan(pos).any():
+            keys, gap = np.round(pos, 2), lambda a, b: False
+        else:
+            runs.append([np.array([r]) for r in rows])
+            continue
+        order = np.argsort(keys, kind="stable")
+        values, starts = np.unique(keys[order], return_index=True)
+        groups = np.split(rows[order], starts[1:])
+        run = [groups[0]]
+        for j in range(1, len(groups)):
+            if gap(values[j - 1], values[j]):
+                runs.append(run)
+                run = []
+            run.append(groups[j])
+        runs.append(run)
+    return _Layout(runs)
+
+
 def _columns(slices: Sequence[SliceScore]):
     p = _matrix([s.probabilities for s in slices])
     series = np.array([s.series or "" for s in slices], dtype=object)
-    positions = np.array([math.nan if s.position is None else float(s.position) for s in slices])
-    return p, series, positions
+    positions = np.array([_nan(s.position) for s in slices])
+    instances = np.array([_nan(s.instance) for s in slices])
+    return p, series, positions, instances
 
 
-def _order(series: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
-    """Row indices of each series, in position order (arrival order where unknown)."""
-    groups: dict[Any, list[int]] = {}
-    for i, s in enumerate(series):
-        groups.setdefault(s, []).append(i)
-    ordered = []
-    for rows in groups.values():
-        rows = np.asarray(rows)
-        pos = positions[rows]
-        if not np.isnan(pos).any():
-            rows = rows[np.argsort(pos, kind="stable")]
-        ordered.append(rows)
-    return ordered
-
-
-def _scores(name: str, k: int, p: np.ndarray, series=None, positions=None,
+def _scores(name: str, k: int, p: np.ndarray, series=None, positions=None, instances=None,
             columns=None) -> tuple[np.ndarray, list[int]]:
     """Study scores of the chosen label columns, and the rows behind the last column's score."""
     columns = list(range(p.shape[1])) if columns is None else columns
@@ -177,22 +217,28 @@ def _scores(name: str, k: int, p: np.ndarray, series=None, positions=None,
     last = len(columns) - 1
     if name == "max":
         return p.max(axis=0), [int(np.argmax(p[:, last]))]
-    if name == "topk":
-        top = np.sort(p, axis=0)[::-1][:k]
-        order = np.argsort(-p[:, last], kind="stable")[:k]
-        return top.sum(axis=0) / k, [int(i) for i in order]
-    # consecutive: windows of k neighbours within a series
-    series = np.zeros(n, dtype=object) if series is None else np.asarray(series, dtype=object)
-    positions = np.full(n, math.nan) if positions is None else np.asarray(positions, np.float64)
+    nan = np.full(n, math.nan)
+    layout = _layout(np.zeros(n, dtype=object) if series is None else np.asarray(series, dtype=object),
+                     nan if positions is None else np.asarray(positions, np.float64),
+                     nan if instances is None else np.asarray(instances, np.float64))
+    if name == "topk":   # over distinct slices: a slice sent twice counts once
+        groups = layout.groups()
+        g = np.array([p[rows].max(axis=0) for rows in groups])
+        top = np.sort(g, axis=0)[::-1][:k]
+        order = np.argsort(-g[:, last], kind="stable")[:k]
+        return top.sum(axis=0) / k, [int(r) for i in order for r in groups[i]]
+    # consecutive: windows of k neighbouring slices of one series
     best = np.zeros(p.shape[1])
     evidence: list[int] = []
     best_last = -1.0
-    for rows in _order(series, positions):
-        if len(rows) < k:
+    for run in layout.runs:
+        if len(run) < k:
             continue
-        windows = np.lib.stride_tricks.sliding_window_view(p[rows], k, axis=0).min(axis=-1)
+        g = np.array([p[rows].max(axis=0) for rows in run])
+        windows = np.lib.stride_tricks.sliding_window_view(g, k, axis=0).min(axis=-1)
         best = np.maximum(best, windows.max(axis=0))
         w = int(np.argmax(windows[:, last]))
         if windows[w, last] > best_last:
-            best_last, evidence = float(windows[w, last]), [int(r) for r in rows[w:w + k]]
+            best_last = float(windows[w, last])
+            evidence = [int(r) for rows in run[w:w + k] for r in rows]
     return best, evidence

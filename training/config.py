@@ -53,6 +53,7 @@ class TrainConfig:
     # input pipeline
     workers: int = 2                         # parallel DICOM decoders
     cache: bool | None = False               # keep decoded training images in memory; None = auto
+    platt: bool = True                       # per-label Platt scaling fitted on calibration
     # thresholds and export
     target_recall: float | None = 0.95       # STUDY recall on calibration; None: max rule, any 0.15
     slice_target_recall: float | None = 0.95  # slice-level operating points (reported, not served)
@@ -196,6 +197,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, metavar="R",
                    help="per label, the highest STUDY threshold with calibration study recall >= R "
                         "(default 0.95)")
+    p.add_argument("--platt", action=argparse.BooleanOptionalAction,
+                   help="fit per-label Platt scaling on the calibration split and bake it into the "
+                        "output layer (default on)")
     p.add_argument("--slice-target-recall", type=float, metavar="R",
                    help="per label, the slice-level threshold with calibration slice recall >= R; "
                         "reported in model.json as slice_thresholds, not used for alerts")

@@ -185,6 +185,17 @@ class MyDeepModel:
         bias = self.model.get_layer("ich").bias
         bias.assign(bias.value + np.float32(delta))
 
+    def apply_platt(self, platt: dict[str, tuple[float, float]]) -> None:
+        """Bake per-label Platt scaling (logit → a·logit + b) into the output layer."""
+        layer = self.model.get_layer("ich")
+        kernel, bias = layer.kernel.value.numpy(), layer.bias.value.numpy()
+        for label, (a, b) in platt.items():
+            i = LABELS.index(label)
+            kernel[:, i] *= a
+            bias[i] = a * bias[i] + b
+        layer.kernel.assign(kernel)
+        layer.bias.assign(bias)
+
     def predict(self, slices: Slices, decoder: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Inference-mode probabilities → (labels, probabilities) of the decodable slices."""
         rows, p = self.predict_rows(slices, decoder)
@@ -257,6 +268,50 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
+# ----------------------------------------------------------------------------- calibration
+
+#: Labels with fewer calibration positives (or negatives) than this keep their probabilities.
+PLATT_MIN_CLASS = 5
+
+
+def fit_platt(y: np.ndarray, p: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Per-label Platt scaling fitted on calibration slices: logit' = a·logit + b.
+
+    A network trained from scratch on a few thousand slices ranks well and is overconfident
+    (measured: 80 studies, `any` AUC 0.99, weighted log loss 0.62 × the prevalence-only loss).
+    Refitting one slope and one offset per label on held-out predictions fixes the probabilities
+    without touching the ranking (AUC, and which studies alert, are unchanged); the result is
+    baked into the output layer, so workers need nothing new. Labels with too few calibration
+    positives, or a fitted slope <= 0, are left alone."""
+    from sklearn.linear_model import LogisticRegression
+
+    logits = _logit(p)
+    out = {}
+    for i, label in enumerate(LABELS):
+        positives = int(np.sum(y[:, i] > 0.5))
+        if min(positives, len(y) - positives) < PLATT_MIN_CLASS:
+            continue
+        fit = LogisticRegression(C=1.0).fit(logits[:, i:i + 1], (y[:, i] > 0.5).astype(int))
+        a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+        if a > 0:
+            out[label] = (a, b)
+    return out
+
+
+def apply_platt(p: np.ndarray, platt: dict[str, tuple[float, float]]) -> np.ndarray:
+    """The same scaling on probabilities already computed."""
+    logits = _logit(p)
+    for label, (a, b) in platt.items():
+        i = LABELS.index(label)
+        logits[:, i] = a * logits[:, i] + b
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -315,8 +370,16 @@ def run(config: TrainConfig) -> Path:
     log.info("%d epochs x %d steps of %d, cache %s", config.epochs, deep.steps_per_epoch or
              math.ceil(len(train) / config.batch_size), config.batch_size, deep.cache)
     history = deep.fit_model(train, calib).history
-    # Calibration chose the epoch; it now chooses the operating point. Test chooses nothing.
+    # Calibration chose the epoch; it now calibrates the probabilities and chooses the operating
+    # point. Test chooses nothing.
     v = deep.validation
+    platt = fit_platt(v.y, v.p) if config.platt else {}
+    if platt:
+        deep.apply_platt(platt)
+        before = evaluate.weighted_log_loss(v.y, v.p)
+        v.p = apply_platt(v.p, platt)
+        log.info("Platt scaling on calibration: weighted log loss %.4f -> %.4f", before,
+                 evaluate.weighted_log_loss(v.y, v.p))
     calib_studies = StudySet.build(v.y, v.p, headers.take(calib_idx[v.rows]))
     test_decoder = Decoder(test.paths, config.input_size)
     test_rows, test_p = deep.predict_rows(test, test_decoder)
@@ -330,6 +393,7 @@ def run(config: TrainConfig) -> Path:
                "study": studies.study_metrics(test_studies, rule),
                "calibration": {"weighted_log_loss": evaluate.weighted_log_loss(v.y, v.p),
                                "images": int(len(v.y)),
+                               "platt": {label: {"a": a, "b": b} for label, (a, b) in platt.items()},
                                "study": studies.study_metrics(calib_studies, rule),
                                "rules": candidates},
                "best_epoch": v.best_epoch, "seconds": round(time.perf_counter() - started, 1)}

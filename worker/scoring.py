@@ -3,7 +3,8 @@
 `Scorer` is built once per worker process (the model load is the expensive part) and has three
 steps, each testable alone: `pre_process` (one MGET for the batch's bytes, decode and window in
 parallel threads: a bad slice fails alone), `predict` (one compiled forward pass per batch) and
-`post_process` (study state; which studies the batch touched, for the study rule).
+`post_process` (study state; which studies the batch touched), then `due_alert` per study
+(the study rule over every slice of the study scored so far).
 """
 from __future__ import annotations
 
@@ -110,10 +111,10 @@ class Scorer:
 
     # --- one batch ---------------------------------------------------------------------------
 
-    def score(self, metas: list[SliceMeta]) -> list[dict]:
-        """Score a batch; returns the first_positive alert of each study the batch made
-        positive under the study rule (the caller publishes them; StudyStore makes each
-        happen once per study and model version)."""
+    def score(self, metas: list[SliceMeta]) -> list[str]:
+        """Score and record a batch; returns the studies that gained a scored slice (the
+        caller then asks `due_alert` of each, outside its re-send guard: once results are
+        recorded and their bytes dropped, re-sending the batch would only lose them)."""
         started = time.time()
         for m in metas:
             metrics.queue_wait.observe(max(0.0, started - m.received_at))
@@ -123,14 +124,14 @@ class Scorer:
         t = time.perf_counter()
         probabilities = self.predict(images)
         metrics.inference.observe(time.perf_counter() - t)
-        alerts = []
-        for study_uid in self.post_process(ok, probabilities, failed):
-            if self.studies.alerted(study_uid, self.version, FIRST_POSITIVE):
-                continue  # the common case once a study has alerted: skip the rule
-            alert = self.studies.build_alert(FIRST_POSITIVE, study_uid)
-            if alert["positive"][ANY]:
-                alerts.append(alert)
-        return alerts
+        return self.post_process(ok, probabilities, failed)
+
+    def due_alert(self, study_uid: str) -> dict | None:
+        """The study's first_positive alert if the study rule is now met and it was not sent."""
+        if self.studies.alerted(study_uid, self.version, FIRST_POSITIVE):
+            return None  # the common case once a study has alerted: skip the rule
+        alert = self.studies.build_alert(FIRST_POSITIVE, study_uid)
+        return alert if alert["positive"][ANY] else None
 
     def _decode(self, blob: bytes | None) -> tuple[np.ndarray | None, str]:
         if blob is None:

@@ -55,9 +55,9 @@ class SliceResult:
     error: str | None = None
     scored_at: float = 0.0
 
-    def above_threshold(self, thresholds: dict[str, float]) -> dict[str, bool]:
-        """Per label, whether this slice alone reaches the study threshold (informative: the
-        study rule decides, and under `consecutive` one such slice is not enough)."""
+    def positive(self, thresholds: dict[str, float]) -> dict[str, bool]:
+        """Per label, whether this slice alone reaches the threshold. Informative only: the
+        study rule decides (under `consecutive`, one such slice is not enough)."""
         p = self.probabilities or {}
         return {label: p.get(label, 0.0) >= thresholds[label] for label in LABELS}
 
@@ -73,7 +73,7 @@ class SliceResult:
             record["error"] = self.error
         else:
             record["probabilities"] = self.probabilities
-            record["above_threshold"] = self.above_threshold(thresholds)
+            record["positive"] = self.positive(thresholds)
         return json.dumps(record)
 
 
@@ -153,7 +153,7 @@ class StudyStore:
         scored = [r for r in records if "probabilities" in r]
         decision = rule.decide([
             SliceScore([r["probabilities"][label] for label in LABELS], r.get("series_instance_uid") or "",
-                       _position(r)) for r in scored])
+                       r.get("slice_position"), r.get("instance_number")) for r in scored])
         return state, records, scored, rule, decision
 
     def build_alert(self, kind: str, study_uid: str) -> dict[str, Any]:
@@ -175,7 +175,7 @@ class StudyStore:
         positive_slices = [
             {"sop_instance_uid": r["sop_instance_uid"], "instance_number": r["instance_number"],
              "probabilities": r["probabilities"]}
-            for r in sorted(evidence, key=lambda r: (_position(r) or 0.0, r["sop_instance_uid"]))]
+            for r in sorted(evidence, key=_reading_order)]
         model_version = state["model_version"]
         if kind == FIRST_POSITIVE and evidence:
             received = max(float(scored[i]["received_at"]) for i in decision.evidence)
@@ -204,9 +204,7 @@ class StudyStore:
         }
 
 
-def _position(record: dict[str, Any]) -> float | None:
-    """Where a slice lies in its series: z, else instance number (ich.decision orders by it)."""
-    for name in ("slice_position", "instance_number"):
-        if record.get(name) is not None:
-            return float(record[name])
-    return None
+def _reading_order(record: dict[str, Any]) -> tuple:
+    """Slices listed as a reader scrolls a series: instance number, then z."""
+    return (record.get("series_instance_uid") or "", record.get("instance_number") or 0,
+            record.get("slice_position") or 0.0, record["sop_instance_uid"])

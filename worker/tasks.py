@@ -48,13 +48,18 @@ def scorer() -> Scorer:
           flush_every=settings.batch_max, flush_interval=settings.batch_window_ms / 1000)
 def score(requests_: list) -> None:
     try:
-        due = scorer().score([meta_from_kwargs(r.kwargs) for r in requests_])
+        touched = scorer().score([meta_from_kwargs(r.kwargs) for r in requests_])
     except Exception:
         log.exception("batch of %d failed; re-sending it", len(requests_))
         _resend(requests_)
         return
-    for alert in due:   # studies this batch made positive under the study rule
-        raise_alert(alert)
+    for study_uid in touched:   # recorded: from here on, a failure must not re-send the batch
+        try:
+            alert = scorer().due_alert(study_uid)
+            if alert is not None:
+                raise_alert(alert)
+        except Exception:  # e.g. Redis gone: the study's summary still carries the verdict
+            log.exception("study rule check of study %s failed; its summary will decide", study_uid)
 
 
 def _resend(requests_: list) -> None:
@@ -121,8 +126,11 @@ def sweep_once(now: float | None = None) -> int:
     now = now or time.time()
     sent = 0
     for study_uid in studies.quiet_studies(settings.study_quiet_s, now):
-        alert = studies.build_alert(STUDY_SUMMARY, study_uid)
-        sent += raise_alert(alert, quiet_before=now - settings.study_quiet_s)
+        try:
+            alert = studies.build_alert(STUDY_SUMMARY, study_uid)
+            sent += raise_alert(alert, quiet_before=now - settings.study_quiet_s)
+        except Exception:  # one broken study (state expired, unknown rule) must not stop the rest
+            log.exception("summary of study %s failed; retried next sweep", study_uid)
     return sent
 
 

@@ -10,9 +10,10 @@ from ich.model import ArtifactError, ModelCard
 
 
 def study(any_probs, series="s1", positions=None):
-    """Slices whose every label is `any`'s probability, at positions 0, 5, 10 … mm."""
+    """Slices whose every label is `any`'s probability, at positions 0, 5, 10 … mm (no instance
+    numbers: neighbours by z)."""
     positions = positions if positions is not None else [5.0 * i for i in range(len(any_probs))]
-    return [SliceScore([p] * len(LABELS), series, z, i) for i, (p, z) in enumerate(zip(any_probs, positions))]
+    return [SliceScore([p] * len(LABELS), series, z, key=i) for i, (p, z) in enumerate(zip(any_probs, positions))]
 
 
 def rule(name, k, t=0.5):
@@ -40,6 +41,37 @@ def test_neighbours_are_neighbours_in_space_within_one_series():
     assert not rule("consecutive", 2).decide(split).any
     # Without positions, instance order falls back to the order given.
     assert rule("consecutive", 2).decide([SliceScore([0.9] * 6, "a"), SliceScore([0.8] * 6, "a")]).any
+
+
+def test_instance_numbers_define_neighbours_so_a_gap_is_not_a_neighbour():
+    # Instances 1 and 3 arrive first, both bright: not neighbours while 2 is missing...
+    arrived = [SliceScore([0.9] * 6, "a", 0.0, 1), SliceScore([0.9] * 6, "a", 10.0, 3)]
+    r = rule("consecutive", 2)
+    assert not r.decide(arrived).any
+    # ...and once 2 arrives dim, still not: the verdict never flips back.
+    assert not r.decide(arrived + [SliceScore([0.1] * 6, "a", 5.0, 2)]).any
+    assert r.decide(arrived + [SliceScore([0.8] * 6, "a", 5.0, 2)]).any
+    # A slice sent twice (same instance number) is one slice, at its higher probability.
+    twice = [SliceScore([0.95] * 6, "a", 0.0, 7), SliceScore([0.2] * 6, "a", 0.0, 7)]
+    assert not r.decide(twice).any and r.decide(twice + [SliceScore([0.9] * 6, "a", 5.0, 8)]).any
+    assert rule("topk", 2).scores([[0.9] * 6, [0.9] * 6], ["a", "a"], [0.0, 0.0], [7, 7])[-1] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("name,k", [("consecutive", 2), ("consecutive", 3), ("topk", 3), ("max", 1)])
+def test_with_instance_numbers_the_score_only_grows_in_any_arrival_order(name, k):
+    rng = np.random.default_rng(11)
+    r = rule(name, k, 0.6)
+    for _ in range(100):
+        n = int(rng.integers(2, 15))
+        probs = rng.random(n) ** 2
+        arrival = rng.permutation(n)
+        slices = [SliceScore([probs[i]] * 6, "a", 100.0 - 5 * i, i + 1) for i in arrival]
+        scores = [r.scores([s.probabilities for s in slices[: j + 1]], ["a"] * (j + 1),
+                           [s.position for s in slices[: j + 1]], [s.instance for s in slices[: j + 1]])[-1]
+                  for j in range(n)]
+        assert all(b >= a - 1e-12 for a, b in zip(scores, scores[1:]))
+        final = r.decide(slices)
+        assert (r.first_positive_index(slices) is not None) == final.any
 
 
 def test_topk_mean_counts_missing_slices_as_zero_and_only_grows():

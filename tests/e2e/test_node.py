@@ -120,7 +120,7 @@ def test_storescu_to_webhook(node):
     results = subprocess.run([sys.executable, "-m", "worker.results", noisy], capture_output=True,
                              text=True, timeout=60, env={**os.environ, "ICH_REDIS_URL": node["redis"].url})
     shown = json.loads(results.stdout)
-    above = [r["instance_number"] for r in shown["slices"] if r["above_threshold"]["any"]]
+    above = [r["instance_number"] for r in shown["slices"] if r["positive"]["any"]]
     assert above == [noisy_instance] and shown["decision"]["positive"]["any"] is False
     request = next(r for r in receiver.requests if json.loads(r["body"]) == first[0])
     assert verify(request["body"], request["headers"]["X-ICH-Signature"], SECRET)

@@ -214,3 +214,30 @@ def test_prior_correction_shifts_every_logit_back_and_can_be_made_permanent():
     np.testing.assert_allclose(logits(), before - np.log(4.0), atol=1e-3)
     with deep.prior_corrected():                                   # nothing left to correct
         np.testing.assert_allclose(logits(), before - np.log(4.0), atol=1e-3)
+
+
+def test_platt_scaling_fixes_overconfidence_and_bakes_into_the_model():
+    from training import evaluate
+    from training.train import apply_platt, fit_platt
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((600, 6)) < 0.25).astype(np.float32)
+    # Ranks well, far too confident: logits ±6 around the truth with heavy noise.
+    logits = np.where(y > 0.5, 3.0, -3.0) * 2 + rng.normal(0, 4, y.shape)
+    p = 1 / (1 + np.exp(-logits))
+    platt = fit_platt(y, p)
+    assert set(platt) == set(LABELS) and all(0 < a < 1 for a, _ in platt.values())   # softened
+    assert evaluate.weighted_log_loss(y, apply_platt(p, platt)) < 0.9 * evaluate.weighted_log_loss(y, p)
+    assert evaluate.auc(y[:, -1], apply_platt(p, platt)[:, -1]) == pytest.approx(evaluate.auc(y[:, -1], p[:, -1]))
+    # Too few positives: left alone.
+    few = y.copy()
+    few[:, 0] = 0
+    few[:3, 0] = 1
+    assert LABELS[0] not in fit_platt(few, p)
+
+    deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, verbose=0)
+    x = rng.random((3, 75, 75, 3), dtype=np.float32)
+    before = np.asarray(deep.model(x, training=False))
+    deep.apply_platt(platt)
+    after = np.asarray(deep.model(x, training=False))
+    np.testing.assert_allclose(after, apply_platt(before, platt), atol=2e-4)

@@ -81,19 +81,20 @@ def test_threshold_sits_mid_gap_below_the_bleeds_the_target_recall_keeps():
     scores = calibration.scores(rule)[:, -1]
     truth = calibration.truth()[:, -1] > 0
     t = rule.thresholds[ANY]
-    # t_hi: ⌈0.9 · 20⌉ = 18 bleeds at or above it; the threshold lies mid-way (in logits)
-    # between t_hi and the highest normal study below it, so the same normals stay silent.
-    t_hi = np.sort(scores[truth])[::-1][17]
+    # t_hi: the ⌈0.9 · (20 + 1)⌉ = 19th highest bleed (expected recall on new studies ≥ 0.9);
+    # the threshold lies mid-way (in logits) between t_hi and the highest normal study below
+    # it, so the same normals stay silent.
+    t_hi = np.sort(scores[truth])[::-1][18]
     normal_below = scores[~truth & (scores < t_hi)].max()
     logit = lambda p: np.log(p / (1 - p))  # noqa: E731
     assert logit(t) == pytest.approx((logit(t_hi) + logit(normal_below)) / 2)
     assert rows[0]["gap_logit"] == pytest.approx(logit(t_hi) - logit(normal_below), abs=1e-4)
-    assert np.sum(scores[truth] >= t) >= 18
+    assert np.sum(scores[truth] >= t) >= 19
     assert np.sum(scores[~truth] >= t) == np.sum(scores[~truth] >= t_hi)
     # No normal study below t_hi: t_hi itself.
     only_bleeds = make_set(bleeds(10, rng))
     alone, _ = studies.choose_rule(only_bleeds, 0.9, candidates=[("max", 1)])
-    assert alone.thresholds[ANY] == np.sort(only_bleeds.scores(alone)[:, -1])[::-1][8]
+    assert alone.thresholds[ANY] == np.sort(only_bleeds.scores(alone)[:, -1])[::-1][9]   # ⌈0.9 · 11⌉
     # Without a target (or without bleeds), the defaults and `max`.
     plain, rows = studies.choose_rule(calibration, None)
     assert (plain.name, dict(plain.thresholds), rows) == ("max", DEFAULT_THRESHOLDS, [])

@@ -3,6 +3,7 @@ so a failed forward pass must put the batch back itself (same task ids), not dro
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 
 import pytest
@@ -77,3 +78,30 @@ def test_the_same_batch_scores_once_the_model_works(tasks, redis_server):
     tasks.score(batch)
     assert client.hlen(keys.study_results(batch[0].kwargs["study_instance_uid"])) == 2
     assert requeued(client) == []
+
+
+def test_a_failing_study_rule_check_keeps_the_recorded_results(tasks, redis_server, monkeypatch):
+    """Once a batch is recorded its bytes are gone: re-sending it would turn every result into
+    an `expired` failure. A failure after that (Redis away while the rule is checked) is logged
+    per study; the results stay and nothing is re-sent."""
+    client = redis.Redis.from_url(redis_server.url)
+    batch = requests_for(client, 3)
+
+    def broken(study_uid):
+        raise redis.ConnectionError("simulated Redis outage during the rule check")
+
+    monkeypatch.setattr(tasks.scorer(), "due_alert", broken)
+    tasks.score(batch)   # must not raise
+    assert requeued(client) == []
+    results = tasks.studies.results(batch[0].kwargs["study_instance_uid"])
+    assert len(results) == 3 and all("probabilities" in r for r in results)
+
+
+def test_one_broken_study_does_not_stop_the_summaries_of_the_others(tasks, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    good = requests_for(client, 2)
+    tasks.score(good)
+    good_uid = good[0].kwargs["study_instance_uid"]
+    client.zadd(keys.ACTIVE_STUDIES, {"1.2.999.broken": 0})   # its state hash has expired
+    assert tasks.sweep_once(now=time.time() + 3600) >= 1   # the broken study is swept first
+    assert tasks.studies.alerted(good_uid, tasks.scorer().version, "study_summary")

@@ -88,15 +88,16 @@ def test_post_process_records_results_and_applies_thresholds(scorer, redis_url):
     assert client.hlen(keys.study_results(metas[0].study_instance_uid)) == 2
     assert client.exists(keys.slice_bytes(metas[0].token)) == 0  # bytes dropped once scored
     second = scorer.studies.results(metas[0].study_instance_uid)[1]
-    assert second["above_threshold"]["epidural"] and not second["above_threshold"]["any"]  # 0.35 ≥ 0.3
+    assert second["positive"]["epidural"] and not second["positive"]["any"]  # 0.35 ≥ 0.3
     alert = scorer.studies.build_alert("first_positive", metas[0].study_instance_uid)
     assert alert["positive"]["any"] and alert["positive"]["epidural"]   # the card's rule: max
     assert alert["study_rule"] == {"name": "max", "k": 1} and alert["scores"]["any"] == pytest.approx(0.9)
 
 
-def test_score_returns_one_first_positive_alert_per_study(scorer, redis_url):
+def test_score_returns_the_studies_it_touched_and_due_alert_decides_them(scorer, redis_url):
     metas = queue_slices(redis_url, [to_bytes(ct_dataset(lesion_hu(64, seed=i))) for i in range(4)])
-    alerts = scorer.score(metas)
-    # An untrained network puts `any` near 0.5 > 0.15: the study is positive; one alert for it.
-    assert [a["study_instance_uid"] for a in alerts] == [metas[0].study_instance_uid]
-    assert alerts[0]["kind"] == "first_positive" and alerts[0]["slices_scored"] == 4
+    touched = scorer.score(metas)
+    assert touched == [metas[0].study_instance_uid]
+    # An untrained network puts `any` near 0.5 > 0.15: the study is positive.
+    alert = scorer.due_alert(touched[0])
+    assert alert["kind"] == "first_positive" and alert["slices_scored"] == 4 and alert["positive"]["any"]
