@@ -2,7 +2,7 @@
 
 A whole node (Redis, then every Procfile process with only ICH_* variables set) serving MODEL
 receives N phantom studies from DCMTK `storescu`, one association per study, slices in instance
-order (as a scanner sends them). Then `python -m training.evaluate` scores the same files
+order (as a scanner sends them), each once the node has scored the previous one. Then `python -m training.evaluate` scores the same files
 offline. Printed, from this one run:
 
 - studies with and without a bleed that got a `first_positive` (counts, the false-alert rate);
@@ -75,7 +75,7 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=40)
     ap.add_argument("--seed", type=int, default=4242)
     ap.add_argument("--data", type=Path, help="RSNA-layout folder to send (default: generate)")
-    ap.add_argument("--gap", type=float, default=0.5, help="seconds between studies")
+    ap.add_argument("--gap", type=float, default=0.5, help="idle seconds between studies")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ich-study-bench-"))
     data = args.data or ROOT / "data" / "synthetic" / f"heldout-seed{args.seed}-studies{args.studies}"
@@ -100,10 +100,17 @@ def main() -> int:
     try:
         for name, proc in procs.items():
             proc.start(wait_port=wait[name], timeout=180)
-        send_s = []
+        send_s, sent = [], 0
         for rows in by_uid.values():
             send_s.append(send_study(rows, ports["dicom"], tmp))
-            time.sleep(args.gap)   # studies arrive one after another, at an idle node
+            sent += len(rows)
+            # Each study arrives at an idle node: wait until the previous one is scored.
+            deadline = time.monotonic() + 300
+            while metrics_text(ports["worker"]).get("ich_slices_scored_total", 0) < sent:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("worker did not score the study within 300 s")
+                time.sleep(0.1)
+            time.sleep(args.gap)
 
         def summaries():
             return {a["study_instance_uid"] for a in receiver.accepted() if a["kind"] == "study_summary"}
