@@ -10,7 +10,7 @@ EXTRAS := $(TF),dev
 STAMP  := $(VENV)/.installed-$(TF)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test soak run demo bench docs clean
+.PHONY: install system-deps test soak run demo bench bench-alerts docs clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: install system-deps
 	$(BIN)/python bench/bench_synthetic.py
 	$(BIN)/python bench/bench_listener.py
 	$(BIN)/python bench/bench_worker.py
+
+# Study alerts end to end on unseen phantoms with the model in service (docs/alerts.md's table).
+bench-alerts: install system-deps
+	$(BIN)/python bench/bench_study_alerts.py --model $${ICH_MODEL_DIR:-models/current} --studies 60 --seed 4242
 
 docs: install
 	$(BIN)/python scripts/update-readme
