@@ -31,6 +31,20 @@ STUDY_SUMMARY = "study_summary"
 _ALERT_NAMESPACE = uuid.UUID("6f1b8c2e-4a7d-5e3f-9b21-0c8d7e6a5f43")
 
 
+# KEYS: study results hash.  ARGV: SOP Instance UID, receipt token, result JSON.
+# A redelivered copy of a message (same token) never overwrites the result its first copy
+# recorded: the bytes are gone by then, so the copy could only record "expired" over real
+# probabilities (issue 14 item 3). A new receipt of the same SOP Instance (a resend) replaces it.
+_RECORD_ONCE_LUA = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local ok, rec = pcall(cjson.decode, old)
+  if ok and type(rec) == 'table' and rec['token'] == ARGV[2] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
 # KEYS: alert marker, alerts queue, active studies.  ARGV: ttl, study uid, quiet cutoff
 # (-1 = none), delivery messages...
 _PUBLISH_ONCE_LUA = """
@@ -67,7 +81,7 @@ class SliceResult:
             "sop_instance_uid": m.sop_instance_uid, "series_instance_uid": m.series_instance_uid,
             "instance_number": m.instance_number, "slice_position": m.slice_position,
             "received_at": m.received_at, "scored_at": self.scored_at,
-            "model_version": model_version,
+            "model_version": model_version, "token": m.token,
         }
         if self.error:
             record["error"] = self.error
@@ -84,15 +98,16 @@ class StudyStore:
         self._script = None
 
     def record(self, results: list[SliceResult], rule: StudyRule, model_version: str) -> None:
-        """Store a batch of results and drop their slice bytes, in one round trip."""
+        """Store a batch of results and drop their slice bytes, in one round trip. A result
+        already recorded for the same receipt (a redelivered message) is kept."""
         now = time.time()
         thresholds = dict(rule.thresholds)
         pipe = self.client.pipeline(transaction=True)
         for r in results:
             m = r.meta
             state = keys.study_state(m.study_instance_uid)
-            pipe.hset(keys.study_results(m.study_instance_uid), m.sop_instance_uid,
-                      r.to_json(thresholds, model_version))
+            pipe.eval(_RECORD_ONCE_LUA, 1, keys.study_results(m.study_instance_uid),
+                      m.sop_instance_uid, m.token, r.to_json(thresholds, model_version))
             for name, value in (("series_instance_uid", m.series_instance_uid),
                                 ("accession_number", m.accession_number),
                                 ("calling_ae", m.calling_ae),

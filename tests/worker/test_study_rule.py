@@ -72,3 +72,21 @@ def test_streaming_and_offline_decide_alike(redis_url, name, k):
         verdicts.append(final["positive"][ANY])
         assert final["positive"][ANY] == (index is not None)   # never contradicted at the end
     assert 0 < sum(verdicts) < len(verdicts)   # both verdicts occurred
+
+
+def test_a_redelivered_copy_never_overwrites_the_recorded_result(redis_url):
+    """Killed between `record` and the ack, a worker's message is delivered again; its bytes are
+    gone, so the copy fails as `expired`. The first copy's probabilities must stay, or a study's
+    only positive slice turns negative. A new receipt of the same instance (a resend) replaces
+    the result."""
+    store = StudyStore(redis.Redis.from_url(redis_url), ttl_s=600)
+    rule = StudyRule("max", 1, {**DEFAULT_THRESHOLDS, ANY: 0.5})
+    meta = SliceMeta("1.2.3.77", "1.2.3.77.1", "1.2.3.77.1.1", instance_number=1)
+    store.record([SliceResult(meta, dict(zip(LABELS, [0.9] * 6)))], rule, "v1")
+    store.record([SliceResult(meta, error="expired")], rule, "v1")   # the redelivered copy
+    [result] = store.results("1.2.3.77")
+    assert result["probabilities"][ANY] == 0.9 and "error" not in result
+    assert store.build_alert("study_summary", "1.2.3.77")["positive"][ANY]
+    resent = SliceMeta("1.2.3.77", "1.2.3.77.1", "1.2.3.77.1.1", instance_number=1)   # new token
+    store.record([SliceResult(resent, dict(zip(LABELS, [0.1] * 6)))], rule, "v1")
+    assert store.results("1.2.3.77")[0]["probabilities"][ANY] == 0.1
