@@ -65,6 +65,7 @@ def send(host: str, port: int, called: str, calling: str, items: list) -> Counte
     if not assoc.is_established:
         statuses["association_failed"] += len(items)
         return statuses
+    responses_stay_queued(assoc)
     try:
         for item in items:
             status = assoc.send_c_store(item)
@@ -72,6 +73,28 @@ def send(host: str, port: int, called: str, calling: str, items: list) -> Counte
     finally:
         assoc.release()
     return statuses
+
+
+def responses_stay_queued(assoc) -> None:
+    """Work around a race in pynetdicom 3.0's requestor (pydicom/pynetdicom#875, #435).
+
+    The association's reactor thread polls the DIMSE queue without blocking, and its pause
+    handshake with `send_c_store` is racy: under CPU contention the reactor can take the
+    C-STORE response the sending thread is waiting for, discard it as "unexpected", and the
+    sender waits out its whole DIMSE timeout and aborts. Seen once in `make demo` (23 of 34
+    slices stored, then a 30 s stall and an abort); reproduced in about 1 of 800 associations,
+    every time with the window widened. A sender's reactor only ever needs requests: leave
+    responses, and the abort marker, for the thread blocked in `send_c_store`."""
+    get_msg = assoc.dimse.get_msg
+
+    def reactor_safe_get_msg(block: bool = False):
+        if not block:
+            _, msg = assoc.dimse.peek_msg()
+            if msg is None or not msg.is_valid_request:
+                return None, None
+        return get_msg(block)
+
+    assoc.dimse.get_msg = reactor_safe_get_msg
 
 
 def _header(item) -> Dataset:

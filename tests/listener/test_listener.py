@@ -12,6 +12,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from pynetdicom import AE as SCU
 from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, MRImageStorage
 
+from dicom_listener.send import responses_stay_queued
 from ich import keys
 from ich.queue import SCORE_TASK
 from tests.ctfactory import ct_dataset, head_hu, to_bytes
@@ -38,6 +39,7 @@ def statuses(port: int, datasets: list[Dataset], calling: str = "TESTSCU") -> li
         scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = scu.associate("127.0.0.1", port, ae_title=AE)
     assert assoc.is_established
+    responses_stay_queued(assoc)   # pynetdicom's requestor race (dicom_listener/send.py)
     try:
         return [assoc.send_c_store(ds).get("Status", -1) for ds in datasets]
     finally:

@@ -10,6 +10,7 @@ import redis
 from pydicom.uid import generate_uid
 from pynetdicom import AE as SCU
 
+from dicom_listener.send import responses_stay_queued
 from ich import keys
 from tests.listener.conftest import AE
 from tests.listener.test_listener import ct_slice
@@ -22,6 +23,7 @@ def test_sigterm_drains_the_open_association_and_refuses_new_ones(listener, redi
     scu.add_requested_context(slices[0].SOPClassUID, slices[0].file_meta.TransferSyntaxUID)
     assoc = scu.associate("127.0.0.1", listener.port, ae_title=AE)
     assert assoc.is_established
+    responses_stay_queued(assoc)
     got: list[int] = []
 
     def run() -> None:

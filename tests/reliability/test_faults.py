@@ -11,6 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE as SCU
 
+from dicom_listener.send import responses_stay_queued
 from ich import keys
 from tests.ctfactory import ct_dataset, lesion_hu
 from tests.modelfactory import blood_detector
@@ -97,6 +98,7 @@ def test_redis_restart_under_a_sender(make_pipeline, tmp_path):
         scu = SCU(ae_title="RESTARTSCU")
         scu.add_requested_context(slices[0].SOPClassUID, slices[0].file_meta.TransferSyntaxUID)
         assoc = scu.associate("127.0.0.1", dicom, ae_title="ICHWATCH")
+        responses_stay_queued(assoc)   # pynetdicom's requestor race (dicom_listener/send.py)
         for ds in slices:
             statuses[ds.SOPInstanceUID] = assoc.send_c_store(ds).get("Status", -1)
             times[ds.SOPInstanceUID] = time.monotonic()

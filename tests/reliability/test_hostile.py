@@ -31,6 +31,7 @@ from pynetdicom import AE as SCU
 from pynetdicom.dsutils import decode
 
 from dicom_listener import policy
+from dicom_listener.send import responses_stay_queued
 from ich import imaging, keys
 from tests.listener.conftest import AE, Listener, queued_messages
 from tests.reliability import hostile
@@ -134,6 +135,7 @@ def send_corpus(listener: Listener, cases: list[Case]) -> dict[str, Sent]:
         mp.setattr(pynetdicom.association, "encode", encode)
         assoc = scu.associate("127.0.0.1", listener.port, ae_title=AE)
         assert assoc.is_established
+        responses_stay_queued(assoc)
         # Nagle on the sender's side would add a delayed-ACK wait (~40 ms) to every C-STORE.
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
+from dicom_listener.send import responses_stay_queued
 from tests.ctfactory import ct_dataset, lesion_hu
 from tests.modelfactory import blood_detector
 from tests.pipeline import Pipeline, ScriptedReceiver
@@ -35,6 +36,7 @@ def _send(args: tuple) -> dict[str, int]:
         if assoc is None or not assoc.is_established:
             assoc = scu.associate("127.0.0.1", port, ae_title="ICHWATCH")
             assert assoc.is_established, f"sender {first}: association not established"
+            responses_stay_queued(assoc)
         template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         template.StudyInstanceUID, template.InstanceNumber = study, n
         out[template.SOPInstanceUID] = assoc.send_c_store(template).get("Status", -1)
