@@ -106,7 +106,8 @@ def main() -> None:
     env = {"ICH_REDIS_URL": server.url, "ICH_MODEL_DIR": str(model_dir / "current"),
            "ICH_BATCH_MAX": str(BATCH), "ICH_BATCH_WINDOW_MS": "50",
            "ICH_WORKER_METRICS_PORT": str(ports["worker"]), "ICH_ALERTS_METRICS_PORT": str(ports["alerts"]),
-           "ICH_WEBHOOK_URLS": receiver.url, "ICH_STUDY_QUIET_S": "3600", "ICH_LOG_LEVEL": "WARNING",
+           "ICH_WEBHOOK_URLS": receiver.url, "ICH_WEBHOOK_SECRET": "bench-secret",
+           "ICH_STUDY_QUIET_S": "3600", "ICH_LOG_LEVEL": "WARNING",
            "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     worker = ServiceProcess(procfile_command("worker"), env, tmp / "worker.log", python=False)
     alerts = ServiceProcess(procfile_command("alerts"), env, tmp / "alerts.log", python=False)

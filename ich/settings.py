@@ -150,6 +150,9 @@ class Settings:
         "ICH_WEBHOOK_URLS", "", _url_list, "comma list of alert consumer URLs")
     webhook_secret: str = _setting(
         "ICH_WEBHOOK_SECRET", "", str, "HMAC-SHA256 key for X-ICH-Signature", secret=True)
+    webhook_allow_unsigned: bool = _setting(
+        "ICH_WEBHOOK_ALLOW_UNSIGNED", "0", _boolean,
+        "let the alerts process send UNSIGNED alerts when ICH_WEBHOOK_SECRET is empty")
     webhook_max_attempts: int = _setting(
         "ICH_WEBHOOK_MAX_ATTEMPTS", "8", _int_range(1, 50),
         "delivery attempts per consumer before the alert is dead-lettered")

@@ -1,9 +1,11 @@
 """Webhook delivery: sign, POST, classify the answer, back off, dead-letter (DESIGN §1, §3).
 
 One Celery task per (alert, consumer URL), so consumers fail independently. The body is the
-alert JSON exactly as signed; `X-ICH-Signature: sha256=<hex>` is HMAC-SHA256 of those bytes with
-ICH_WEBHOOK_SECRET, and `Idempotency-Key` is the alert id, stable across retries and
-redeliveries, so a consumer can drop a duplicate.
+alert JSON exactly as signed. Each attempt carries `X-ICH-Timestamp: <unix seconds>` and
+`X-ICH-Signature: sha256=<hex>`, HMAC-SHA256 with ICH_WEBHOOK_SECRET of "<timestamp>.<body>"
+(Stripe's scheme): a consumer that checks the timestamp is recent cannot be fed a replay of an
+old request. `Idempotency-Key` is the alert id, stable across retries and redeliveries, so a
+consumer can drop a duplicate.
 """
 from __future__ import annotations
 
@@ -30,13 +32,24 @@ def encode(alert: dict) -> bytes:
     return json.dumps(alert, sort_keys=True, separators=(",", ":")).encode()
 
 
-def signature(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+#: How far a consumer lets `X-ICH-Timestamp` stray from its clock before refusing a request.
+TOLERANCE_S = 300
 
 
-def verify(body: bytes, header: str, secret: str) -> bool:
-    """What a consumer does (and what our tests do): constant-time compare."""
-    return hmac.compare_digest(signature(body, secret), header or "")
+def signature(body: bytes, secret: str, timestamp: str) -> str:
+    signed = timestamp.encode() + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+def verify(body: bytes, header: str, secret: str, timestamp: str,
+           tolerance_s: float = TOLERANCE_S, now: float | None = None) -> bool:
+    """What a consumer does (and what our tests do): the timestamp is recent, and the
+    signature over "<timestamp>.<body>" matches (constant-time compare)."""
+    try:
+        age = abs((time.time() if now is None else now) - int(timestamp))
+    except (TypeError, ValueError):
+        return False
+    return age <= tolerance_s and hmac.compare_digest(signature(body, secret, timestamp), header or "")
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,9 @@ def post(session: requests.Session, url: str, alert: dict, secret: str) -> Outco
         "X-ICH-Alert-Kind": alert["kind"],
     }
     if secret:
-        headers["X-ICH-Signature"] = signature(body, secret)
+        timestamp = str(int(time.time()))   # per attempt: a retry is signed afresh
+        headers["X-ICH-Timestamp"] = timestamp
+        headers["X-ICH-Signature"] = signature(body, secret, timestamp)
     try:
         response = session.post(url, data=body, headers=headers,
                                 timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))

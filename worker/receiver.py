@@ -1,8 +1,9 @@
 """`python -m worker.receiver`: a reference webhook consumer that verifies and prints alerts.
 
 For the demo (`make run` starts it when no ICH_WEBHOOK_URLS are set) and as the example an
-integrator copies: check `X-ICH-Signature` (HMAC-SHA256 of the raw body with the shared
-secret) before trusting anything, and drop duplicates by `Idempotency-Key`.
+integrator copies: check that `X-ICH-Timestamp` is recent and that `X-ICH-Signature` is
+HMAC-SHA256 of "<timestamp>.<raw body>" with the shared secret before trusting anything, and
+drop duplicates by `Idempotency-Key`.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ def make_handler(secret: str):
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if secret and not verify(body, self.headers.get("X-ICH-Signature", ""), secret):
+            if secret and not verify(body, self.headers.get("X-ICH-Signature", ""), secret,
+                                     self.headers.get("X-ICH-Timestamp", "")):
                 self.send_response(401)
                 self.end_headers()
-                print("rejected an alert with a bad signature", flush=True)
+                print("rejected an alert with a bad or stale signature", flush=True)
                 return
             self.send_response(204)
             self.end_headers()

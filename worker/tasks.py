@@ -8,6 +8,7 @@ recorded as failed on its own.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -157,6 +158,14 @@ def _on_ready(sender=None, **_) -> None:
     metrics.watch_queue_depth(lambda: redis_client.llen(keys.SCORE_QUEUE))
     if scoring:
         scorer()
+    if delivering and settings.webhook_urls and not settings.webhook_secret:
+        if not settings.webhook_allow_unsigned:
+            log.critical("ICH_WEBHOOK_URLS is set but ICH_WEBHOOK_SECRET is empty: consumers could "
+                         "not tell our alerts from forged ones. Set a secret, or "
+                         "ICH_WEBHOOK_ALLOW_UNSIGNED=1 to send unsigned alerts anyway. Exiting.")
+            logging.shutdown()
+            os._exit(78)   # EX_CONFIG: a Celery signal handler's exception would be swallowed
+        log.warning("sending UNSIGNED alerts (ICH_WEBHOOK_ALLOW_UNSIGNED)")
     if delivering:
         threading.Thread(target=_sweep_forever, args=(_stop_sweeper,), name="summary-sweeper",
                          daemon=True).start()

@@ -123,7 +123,8 @@ def test_storescu_to_webhook(node):
     above = [r["instance_number"] for r in shown["slices"] if r["positive"]["any"]]
     assert above == [noisy_instance] and shown["decision"]["positive"]["any"] is False
     request = next(r for r in receiver.requests if json.loads(r["body"]) == first[0])
-    assert verify(request["body"], request["headers"]["X-ICH-Signature"], SECRET)
+    assert verify(request["body"], request["headers"]["X-ICH-Signature"], SECRET,
+                  request["headers"]["X-ICH-Timestamp"])
     assert first[0]["received_at"] >= sent_at - 1 and first[0]["latency_seconds"] < 60
     assert alerts(positive, "study_summary")[0]["positive"]["any"]
     assert not alerts(negative, "study_summary")[0]["positive"]["any"]

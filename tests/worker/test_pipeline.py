@@ -39,8 +39,10 @@ def test_positive_study_one_signed_first_positive_then_a_summary(pipeline):
     assert alert["accession_number"] == "ACC777" and alert["calling_ae"] == "TESTSCU"
     assert alert["latency_seconds"] >= 0 and alert["alerted_at"] >= alert["received_at"]
     request = next(r for r in pipeline.receiver.requests if json.loads(r["body"]) == alert)
-    assert verify(request["body"], request["headers"]["X-ICH-Signature"], SECRET)
-    assert not verify(request["body"], request["headers"]["X-ICH-Signature"], "wrong-secret")
+    assert verify(request["body"], request["headers"]["X-ICH-Signature"], SECRET,
+                  request["headers"]["X-ICH-Timestamp"])
+    assert not verify(request["body"], request["headers"]["X-ICH-Signature"], "wrong-secret",
+                      request["headers"]["X-ICH-Timestamp"])
     assert request["headers"]["Idempotency-Key"] == alert["alert_id"]
     assert request["body"] == encode(alert)
     summary = pipeline.alerts_for(study, "study_summary")
