@@ -28,6 +28,8 @@ from ich import keys
 
 #: Celery task name of a score request: the contract between listener and worker.
 SCORE_TASK = "ich.score_slice"
+#: Celery task name of one webhook delivery (alert, consumer URL).
+DELIVER_TASK = "ich.deliver_alert"
 
 
 class QueueFull(Exception):

@@ -1,7 +1,8 @@
 """`python -m worker.results STUDY_UID`: a study's per-slice results and state, as JSON.
 
 For radiology informatics staff checking what the system saw: every slice scored (or the
-reason it failed), the probabilities, the study rule's current verdict, and the alert status. Reads only Redis.
+reason it failed), the probabilities, the study rule's current verdict, and the alert status.
+Reads only Redis.
 """
 from __future__ import annotations
 

@@ -19,14 +19,15 @@ from celery_batches import Batches
 from prometheus_client import start_http_server
 
 from ich import keys
-from ich.queue import SCORE_TASK, connect, task_message
+from ich.queue import DELIVER_TASK, SCORE_TASK, connect, task_message
 from worker import alerts, metrics
 from worker.celery import app, consumed_queues, settings
 from worker.scoring import Scorer, meta_from_kwargs
 from worker.study import FIRST_POSITIVE, STUDY_SUMMARY, StudyStore
 
 log = logging.getLogger("worker")
-DELIVER_TASK = "ich.deliver_alert"
+#: Dead letters kept (newest first); older ones are trimmed (issue 14 item 11).
+MAX_DEAD_LETTERS = 10_000
 MAX_SCORE_ATTEMPTS = 3
 SWEEP_INTERVAL_S = 0.5
 
@@ -112,9 +113,16 @@ def deliver_alert(self, alert: dict, url: str) -> None:
     metrics.deliveries.labels("dead_letter").inc()
     log.error("alert %s to consumer %d dead-lettered after %d attempt(s): %s", alert["alert_id"],
               _consumer_index(url), attempt, outcome.detail)
-    redis_client.lpush(keys.DEAD_LETTERS, alerts.encode({
-        "alert": alert, "url_index": _consumer_index(url), "attempts": attempt,
-        "last_error": outcome.detail, "dead_at": time.time()}))
+    dead_letter({"alert": alert, "url_index": _consumer_index(url), "attempts": attempt,
+                 "last_error": outcome.detail, "dead_at": time.time()})
+
+
+def dead_letter(record: dict) -> None:
+    """Keep an undeliverable alert for `python -m worker.deadletters` (newest first, bounded)."""
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.lpush(keys.DEAD_LETTERS, alerts.encode(record))
+    pipe.ltrim(keys.DEAD_LETTERS, 0, MAX_DEAD_LETTERS - 1)
+    pipe.execute()
 
 
 def _consumer_index(url: str) -> int:
@@ -128,6 +136,12 @@ def sweep_once(now: float | None = None) -> int:
     sent = 0
     for study_uid in studies.quiet_studies(settings.study_quiet_s, now):
         try:
+            if not redis_client.exists(keys.study_state(study_uid)):
+                # Its state expired (ICH_RESULT_TTL_S) or was deleted: nothing left to summarise,
+                # and keeping it would grow ACTIVE_STUDIES without bound (issue 14 item 11).
+                redis_client.zrem(keys.ACTIVE_STUDIES, study_uid)
+                log.warning("study %s has no state left; dropped from the summary queue", study_uid)
+                continue
             alert = studies.build_alert(STUDY_SUMMARY, study_uid)
             sent += raise_alert(alert, quiet_before=now - settings.study_quiet_s)
         except Exception:  # one broken study (state expired, unknown rule) must not stop the rest

@@ -105,3 +105,42 @@ def test_one_broken_study_does_not_stop_the_summaries_of_the_others(tasks, redis
     client.zadd(keys.ACTIVE_STUDIES, {"1.2.999.broken": 0})   # its state hash has expired
     assert tasks.sweep_once(now=time.time() + 3600) >= 1   # the broken study is swept first
     assert tasks.studies.alerted(good_uid, tasks.scorer().version, "study_summary")
+
+
+def test_dead_letters_are_bounded_listed_and_replayed(tasks, redis_server, monkeypatch):
+    """Issue 14 item 11: the dead-letter list keeps the newest MAX_DEAD_LETTERS; operators list
+    them and queue them again for the consumer they failed on."""
+    import subprocess
+    import sys
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(keys.DEAD_LETTERS, keys.ALERTS_QUEUE)
+    monkeypatch.setattr(tasks, "MAX_DEAD_LETTERS", 3)
+    for i in range(5):
+        tasks.dead_letter({"alert": {"alert_id": f"a{i}", "kind": "first_positive",
+                                     "study_instance_uid": f"1.2.{i}"},
+                           "url_index": 1 if i == 4 else 0, "attempts": 8,
+                           "last_error": "503", "dead_at": 1.0 + i})
+    assert client.llen(keys.DEAD_LETTERS) == 3          # a4, a3, a2: the newest
+    env = {"ICH_REDIS_URL": redis_server.url, "ICH_WEBHOOK_URLS": "http://127.0.0.1:9/hook",
+           "PATH": "/usr/bin:/bin"}
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "worker.deadletters", *argv], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    listed = [json.loads(line) for line in cli("list").stdout.splitlines()]
+    assert [d["alert_id"] for d in listed] == ["a4", "a3", "a2"] and listed[0]["consumer"] == 1
+    replay = cli("replay", "--all")
+    assert replay.returncode == 1 and "consumer 1 is not in ICH_WEBHOOK_URLS" in replay.stderr
+    assert "replayed 2" in replay.stdout
+    assert [json.loads(raw)["alert"]["alert_id"] for raw in client.lrange(keys.DEAD_LETTERS, 0, -1)] == ["a4"]
+    queued = [json.loads(m) for m in client.lrange(keys.ALERTS_QUEUE, 0, -1)]
+    assert len(queued) == 2 and all(m["headers"]["task"] == "ich.deliver_alert" for m in queued)
+
+
+def test_a_study_whose_state_expired_leaves_the_summary_queue(tasks, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.zadd(keys.ACTIVE_STUDIES, {"1.2.999.gone": 0})
+    tasks.sweep_once(now=time.time() + 3600)
+    assert client.zscore(keys.ACTIVE_STUDIES, "1.2.999.gone") is None
