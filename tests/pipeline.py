@@ -53,7 +53,8 @@ class Pipeline:
         self.scoring = ServiceProcess(celery + ["-Q", keys.SCORE_QUEUE, "-P", "solo", "-n", "score@%h"],
                                       env, tmp / "worker-score.log")
         self.alerts = ServiceProcess(celery + ["-Q", keys.ALERTS_QUEUE, "-P", "threads", "-c", "4",
-                                               "-n", "alerts@%h"], env, tmp / "worker-alerts.log")
+                                               "--prefetch-multiplier", "1", "-n", "alerts@%h"],
+                                     env, tmp / "worker-alerts.log")
 
     def start(self) -> "Pipeline":
         self.scoring.start(wait_port=self.score_metrics, timeout=120)
