@@ -31,12 +31,12 @@ class RedisServer:
     """A private redis-server (never the machine's shared one), stoppable and restartable."""
 
     def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False,
-                 user: str = "", password: str = "") -> None:
+                 user: str = "", password: str = "", appendfsync: str = "always") -> None:
         if not shutil.which("redis-server"):
             raise RuntimeError("redis-server is not installed: run scripts/system-deps")
         self.workdir = workdir
         self.port = port or free_port()
-        self.appendonly = appendonly
+        self.appendonly, self.appendfsync = appendonly, appendfsync
         self.user, self.password = user, password  # an ACL user; the default user is then off
         self.proc: subprocess.Popen | None = None
 
@@ -50,6 +50,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+             "--appendfsync", self.appendfsync,
              "--dir", str(self.workdir), "--maxmemory-policy", "noeviction",
              *(["--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all",
                 "--user", "default", "off"] if self.user else [])],
