@@ -113,9 +113,13 @@ class StudyStore:
                                 ("calling_ae", m.calling_ae),
                                 ("first_received_at", m.received_at)):
                 pipe.hsetnx(state, name, value)
-            pipe.hset(state, mapping={"model_version": model_version,
-                                      "thresholds": json.dumps(thresholds),
-                                      "study_rule": json.dumps(rule.describe())})
+            decided_by = {"model_version": model_version, "thresholds": json.dumps(thresholds),
+                          "study_rule": json.dumps(rule.describe())}
+            if r.error:   # a failure never replaces the rule the study's scored slices had
+                for name, value in decided_by.items():
+                    pipe.hsetnx(state, name, value)
+            else:
+                pipe.hset(state, mapping=decided_by)
             pipe.expire(state, self.ttl_s)
             pipe.expire(keys.study_results(m.study_instance_uid), self.ttl_s)
             pipe.zadd(keys.ACTIVE_STUDIES, {m.study_instance_uid: now})
@@ -213,6 +217,8 @@ class StudyStore:
             "positive_slices": positive_slices,
             "slices_scored": len(scored),
             "slices_failed": len(records) - len(scored),
+            # False when a slice could not be scored: "not positive" is then not "negative".
+            "complete": len(records) == len(scored),
             "received_at": received,
             "alerted_at": alerted_at,
             "latency_seconds": round(alerted_at - received, 6),

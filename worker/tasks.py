@@ -19,11 +19,12 @@ from celery_batches import Batches
 from prometheus_client import start_http_server
 
 from ich import keys
+from ich.decision import StudyRule
 from ich.queue import DELIVER_TASK, SCORE_TASK, connect, task_message
 from worker import alerts, metrics
 from worker.celery import app, consumed_queues, settings
 from worker.scoring import Scorer, meta_from_kwargs
-from worker.study import FIRST_POSITIVE, STUDY_SUMMARY, StudyStore
+from worker.study import FIRST_POSITIVE, STUDY_SUMMARY, SliceResult, StudyStore
 
 log = logging.getLogger("worker")
 #: Dead letters kept (newest first); older ones are trimmed (issue 14 item 11).
@@ -66,15 +67,35 @@ def score(requests_: list) -> None:
 
 def _resend(requests_: list) -> None:
     """Put an unscored batch back (same task ids) unless it has failed too often; the slice
-    bytes stay in Redis until scored, so nothing is lost by a transient failure."""
+    bytes stay in Redis until scored, so nothing is lost by a transient failure. A slice that
+    has failed MAX_SCORE_ATTEMPTS times is recorded as failed (`inference_error`), never
+    silently dropped: its study's summary then says it is incomplete (issue 14 item 1)."""
+    exhausted = []
     for r in requests_:
         attempt = int((r.request_dict or {}).get("retries") or 0) + 1
         if attempt >= MAX_SCORE_ATTEMPTS:
-            metrics.slices_failed.labels("inference_error").inc()
-            log.error("slice %s dropped after %d failed attempts", r.kwargs.get("sop_instance_uid"), attempt)
+            exhausted.append(meta_from_kwargs(r.kwargs))
             continue
         app.send_task(SCORE_TASK, kwargs=r.kwargs, task_id=r.id, queue=keys.SCORE_QUEUE,
                       retries=attempt, countdown=attempt)
+    if exhausted:
+        now = time.time()
+        studies.record([SliceResult(m, error="inference_error", scored_at=now) for m in exhausted],
+                       _rule_for_failures(), _version_for_failures())
+        metrics.slices_failed.labels("inference_error").inc(len(exhausted))
+        for m in exhausted:
+            log.error("slice %s of study %s failed after %d attempts: recorded as inference_error",
+                      m.sop_instance_uid, m.study_instance_uid, MAX_SCORE_ATTEMPTS)
+
+
+def _rule_for_failures() -> StudyRule:
+    """The model's rule if it loaded; else the defaults (only used where a study has no
+    state yet: a failure never overwrites the rule its scored slices were decided with)."""
+    return _scorer.rule if _scorer is not None else StudyRule.from_card(None, settings.thresholds())
+
+
+def _version_for_failures() -> str:
+    return _scorer.version if _scorer is not None else "unavailable"
 
 
 def raise_alert(alert: dict, quiet_before: float | None = None) -> bool:

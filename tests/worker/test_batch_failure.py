@@ -60,7 +60,9 @@ def test_failed_forward_pass_resends_the_batch_with_the_same_ids(tasks, redis_se
     assert client.hlen(keys.study_results(batch[0].kwargs["study_instance_uid"])) == 0
 
 
-def test_a_batch_that_keeps_failing_is_dropped_and_counted(tasks, redis_server, monkeypatch):
+def test_a_batch_that_keeps_failing_is_recorded_as_failed_never_dropped(tasks, redis_server, monkeypatch):
+    """Issue 14 item 1: after MAX_SCORE_ATTEMPTS the slices get a result (`inference_error`),
+    their bytes are released, and the study's summary says it is incomplete."""
     from worker import metrics
 
     client = redis.Redis.from_url(redis_server.url)
@@ -70,6 +72,13 @@ def test_a_batch_that_keeps_failing_is_dropped_and_counted(tasks, redis_server, 
     tasks.score(batch)
     assert requeued(client) == []
     assert metrics.slices_failed.labels("inference_error")._value.get() == before + 2
+    study = batch[0].kwargs["study_instance_uid"]
+    results = tasks.studies.results(study)
+    assert [r.get("error") for r in results] == ["inference_error", "inference_error"]
+    assert not any(client.exists(keys.slice_bytes(r.id)) for r in batch)
+    summary = tasks.studies.build_alert("study_summary", study)
+    assert summary["complete"] is False and summary["slices_failed"] == 2
+    assert summary["model_version"] == tasks.scorer().version
 
 
 def test_the_same_batch_scores_once_the_model_works(tasks, redis_server):
