@@ -27,7 +27,7 @@ import redis  # noqa: E402
 
 from ich import keys  # noqa: E402
 from tests.services import (  # noqa: E402
-    RedisServer, ServiceProcess, free_port, histogram_quantile, metrics_text, wait_for_port,
+    RedisServer, ServiceProcess, free_port, histogram_quantile, memory_mib, metrics_text, wait_for_port,
 )
 from training.synthetic import make_study, to_bytes  # noqa: E402
 
@@ -81,13 +81,6 @@ def timed_send(port: int, aet: str, shares: list[list[Path]]) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
@@ -139,7 +132,7 @@ def main() -> None:
             four_s = timed_send(dicom, "ICHWATCH", [files[i::4] for i in range(4)])
             assert client.llen(keys.SCORE_QUEUE) == len(files)
             m4 = metrics_text(metrics_port)
-            rss = peak_rss_mib(first.proc.pid)
+            rss = memory_mib(first.proc.pid, "VmHWM")
             client.flushall()
             second, _ = listener("listener-2")  # SO_REUSEPORT: same port, second process
             two_procs_s = timed_send(dicom, "ICHWATCH", [files[i::4] for i in range(4)])

@@ -30,16 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pydicom  # noqa: E402
 
 from tests.services import (  # noqa: E402
-    RedisServer, ServiceProcess, WebhookReceiver, free_port, histogram_quantile, metrics_text,
+    RedisServer, ServiceProcess, WebhookReceiver, free_port, histogram_quantile, metrics_text, procfile,
 )
 from training import synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def procfile() -> dict[str, str]:
-    lines = (ROOT / "Procfile").read_text().splitlines()
-    return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
 
 
 def studies_by_uid(data: Path) -> dict[str, list[tuple[int, Path, int]]]:

@@ -34,12 +34,12 @@ from ich import keys  # noqa: E402
 from ich.model import ModelCard, build_model, promote, save_artifact  # noqa: E402
 from ich.queue import SliceMeta, SliceQueue  # noqa: E402
 from tests.services import (  # noqa: E402
-    RedisServer, ServiceProcess, WebhookReceiver, free_port, histogram_quantile, metrics_text,
+    RedisServer, ServiceProcess, WebhookReceiver, free_port, histogram_quantile, memory_mib,
+    metrics_text, procfile,
 )
 from training.synthetic import make_study, to_bytes  # noqa: E402
 
 BATCH = 32
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def raw_model_rate(model, size: int, batches: int = 6) -> float:
@@ -55,20 +55,6 @@ def raw_model_rate(model, size: int, batches: int = 6) -> float:
         forward(x).numpy()
         times.append(time.perf_counter() - t)
     return BATCH / statistics.median(times)
-
-
-def procfile_command(name: str) -> list[str]:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if line.startswith(f"{name}:"):
-            return ["bash", "-c", "exec " + line.split(":", 1)[1].strip()]
-    raise KeyError(name)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Feeder:
@@ -109,8 +95,9 @@ def main() -> None:
            "ICH_WEBHOOK_URLS": receiver.url, "ICH_WEBHOOK_SECRET": "bench-secret",
            "ICH_STUDY_QUIET_S": "3600", "ICH_LOG_LEVEL": "WARNING",
            "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    worker = ServiceProcess(procfile_command("worker"), env, tmp / "worker.log", python=False)
-    alerts = ServiceProcess(procfile_command("alerts"), env, tmp / "alerts.log", python=False)
+    commands = {name: ["bash", "-c", "exec " + line] for name, line in procfile().items()}
+    worker = ServiceProcess(commands["worker"], env, tmp / "worker.log", python=False)
+    alerts = ServiceProcess(commands["alerts"], env, tmp / "alerts.log", python=False)
     feeder = Feeder(client)
     try:
         worker.start(wait_port=ports["worker"], timeout=300)
@@ -120,10 +107,10 @@ def main() -> None:
         study = generate_uid()
         for i in range(args.n):
             feeder.send(study, i)
-        rss = [rss_mib(worker.proc.pid)]
+        rss = [memory_mib(worker.proc.pid)]
         while client.hlen(keys.study_results(study)) < args.n:
             time.sleep(0.5)
-            rss.append(rss_mib(worker.proc.pid))
+            rss.append(memory_mib(worker.proc.pid))
         done = sorted(json.loads(v)["scored_at"] for v in client.hvals(keys.study_results(study)))
         first_batch_end = done[BATCH - 1]
         steady = [t for t in done if t > first_batch_end]

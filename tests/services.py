@@ -1,4 +1,5 @@
-"""Real services for tests: a redis-server on a free port, free ports, waiting for a port."""
+"""Real services for tests: a redis-server on a free port, free ports, waiting for a port, the
+Procfile's commands and a process's memory."""
 from __future__ import annotations
 
 import shutil
@@ -8,6 +9,22 @@ import time
 from pathlib import Path
 
 import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def procfile() -> dict[str, str]:
+    """The Procfile's processes: name → command line."""
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/<pid>/status memory field in MiB: VmRSS (now) or VmHWM (peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def free_port() -> int:

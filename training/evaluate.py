@@ -78,16 +78,31 @@ def choose_thresholds(y: np.ndarray, p: np.ndarray, target_recall: float | None)
     return thresholds
 
 
-def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """Recall, precision and specificity of `p ≥ threshold` (None where undefined)."""
-    from sklearn.metrics import confusion_matrix
-
-    y = np.asarray(y) > 0.5
-    predicted = np.asarray(p) >= threshold
-    tn, fp, fn, tp = confusion_matrix(y, predicted, labels=[False, True]).ravel()
+def counts(y, predicted) -> dict:
+    """Confusion counts of boolean `predicted` against labels `y`, with recall, precision and
+    specificity (None where undefined). Slices and studies alike."""
+    y, predicted = np.asarray(y) > 0.5, np.asarray(predicted, bool)
+    tp, fn = int(np.sum(predicted & y)), int(np.sum(~predicted & y))
+    fp, tn = int(np.sum(predicted & ~y)), int(np.sum(~predicted & ~y))
     ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
     return {"recall": ratio(tp, tp + fn), "precision": ratio(tp, tp + fp),
-            "specificity": ratio(tn, tn + fp)}
+            "specificity": ratio(tn, tn + fp), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+
+
+def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """Recall, precision and specificity of `p ≥ threshold` (None where undefined)."""
+    c = counts(y, np.asarray(p) >= threshold)
+    return {k: c[k] for k in ("recall", "precision", "specificity")}
+
+
+def logit(p):
+    """log(p / (1 − p)), clipped to the range a float32 sigmoid can give back."""
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
 #: The quality bar a trained model must clear before it may be promoted (issue 16): held-out

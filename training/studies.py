@@ -26,6 +26,7 @@ import numpy as np
 
 from ich.decision import SliceScore, StudyRule
 from ich.labels import ANY, DEFAULT_THRESHOLDS, LABELS, SUBTYPES
+from training.evaluate import _pyplot, auc, counts, logit, sigmoid
 
 #: The rules measured by default; the first is the plain "max over slices".
 CANDIDATES: tuple[tuple[str, int], ...] = (("max", 1), ("consecutive", 2), ("consecutive", 3),
@@ -108,8 +109,8 @@ def study_threshold(y, scores, target_recall: float | None) -> tuple[float | Non
     with them, P(score ≥ t_hi) = k / (P + 1) ≥ R, so R is the expected recall on new studies, not
     only on calibration (split-conformal; ⌈R·P⌉ gave 0.93 on 30 test bleeds in one of three
     runs). Without a target (a subtype, which names the bleed of an alerted study rather than
-    raising one), t_hi maximises Youden's J (recall + specificity − 1; ties: the lower threshold). Any threshold down to the highest normal study below t_hi keeps
-    the same calibration figures, and calibration cannot tell them apart, but new studies can:
+    raising one), t_hi maximises Youden's J (recall + specificity − 1; ties: the lower threshold).
+    Any threshold down to the highest normal study below t_hi keeps the same calibration figures, and calibration cannot tell them apart, but new studies can:
     t_hi sits on the weakest bleeds kept, so a slightly weaker bleed is missed. The threshold is
     therefore the midpoint, in logits, of that gap (a max-margin choice; measured on the first
     phantom model: t_hi kept 27 of 30 test bleeds, the midpoint 30 of 30, the same normals
@@ -132,8 +133,8 @@ def study_threshold(y, scores, target_recall: float | None) -> tuple[float | Non
     if not below.size:
         return high, 0.0
     low = float(below.max())
-    gap = _logit(high) - _logit(low)
-    return float(_sigmoid((_logit(high) + _logit(low)) / 2)), round(gap, 4)
+    gap = float(logit(high) - logit(low))
+    return float(sigmoid((logit(high) + logit(low)) / 2)), round(gap, 4)
 
 
 def choose_rule(studies: StudySet, target_recall: float | None,
@@ -142,8 +143,6 @@ def choose_rule(studies: StudySet, target_recall: float | None,
     (calibration). Returns the rule and one row per candidate (what each achieved), for the
     model card. Without a target, or without positive calibration studies, `max` with the
     default thresholds."""
-    from training.evaluate import auc
-
     truth = studies.truth()
     if target_recall is None or not truth[:, -1].any():
         return StudyRule("max", 1, dict(DEFAULT_THRESHOLDS)), []
@@ -169,22 +168,11 @@ def choose_rule(studies: StudySet, target_recall: float | None,
     return best, rows
 
 
-def _logit(p: float) -> float:
-    p = min(max(float(p), 1e-9), 1 - 1e-9)
-    return math.log(p / (1 - p))
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
 def _point(y, alerted) -> dict:
-    y, alerted = np.asarray(y) > 0.5, np.asarray(alerted, bool)
-    tp, fn = int(np.sum(alerted & y)), int(np.sum(~alerted & y))
-    fp, tn = int(np.sum(alerted & ~y)), int(np.sum(~alerted & ~y))
-    ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
-    return {"recall": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
-            "ppv": ratio(tp, tp + fp), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+    """Study counts and rates; PPV is what a stroke team calls precision."""
+    c = counts(y, alerted)
+    return {"recall": c["recall"], "specificity": c["specificity"], "ppv": c["precision"],
+            **{k: c[k] for k in ("tp", "fn", "tn", "fp")}}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -192,8 +180,6 @@ def _point(y, alerted) -> dict:
 
 def study_metrics(studies: StudySet, rule: StudyRule) -> dict:
     """Every study-level figure of a split under `rule` and its thresholds, as JSON types."""
-    from training.evaluate import auc
-
     truth, scores = studies.truth(), studies.scores(rule)
     normals = int(np.sum(truth[:, -1] < 0.5))
     verdicts = [rule.verdict(dict(zip(LABELS, row))) for row in scores]
@@ -243,8 +229,6 @@ def alerting_studies(studies: StudySet, rule: StudyRule) -> list[str]:
 def plot_study_curves(studies: StudySet, rule: StudyRule, path: Path) -> Path:
     """Study-level ROC and precision–recall of `any`, the operating point marked."""
     from sklearn.metrics import precision_recall_curve, roc_curve
-
-    from training.evaluate import _pyplot
 
     plt = _pyplot()
     truth, scores = studies.truth()[:, -1], studies.scores(rule)[:, -1]

@@ -285,7 +285,7 @@ def fit_platt(y: np.ndarray, p: np.ndarray) -> dict[str, tuple[float, float]]:
     positives, or a fitted slope <= 0, are left alone."""
     from sklearn.linear_model import LogisticRegression
 
-    logits = _logit(p)
+    logits = evaluate.logit(p)
     out = {}
     for i, label in enumerate(LABELS):
         positives = int(np.sum(y[:, i] > 0.5))
@@ -300,16 +300,11 @@ def fit_platt(y: np.ndarray, p: np.ndarray) -> dict[str, tuple[float, float]]:
 
 def apply_platt(p: np.ndarray, platt: dict[str, tuple[float, float]]) -> np.ndarray:
     """The same scaling on probabilities already computed."""
-    logits = _logit(p)
+    logits = evaluate.logit(p)
     for label, (a, b) in platt.items():
         i = LABELS.index(label)
         logits[:, i] = a * logits[:, i] + b
-    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
+    return evaluate.sigmoid(logits).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- one run

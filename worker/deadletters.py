@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env(redis_url=args.redis_url)
     client = connect(settings.redis_url)
     if args.command == "list":
-        for raw in client.lrange(keys.DEAD_LETTERS, 0, max(0, args.limit) - 1):
+        for raw in client.lrange(keys.DEAD_LETTERS, 0, args.limit - 1) if args.limit > 0 else []:
             record = json.loads(raw)
             alert = record["alert"]
             print(json.dumps({"alert_id": alert["alert_id"], "kind": alert["kind"],

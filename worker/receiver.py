@@ -16,12 +16,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from worker.alerts import verify
 
 
+#: The largest alert body read (an alert lists at most a study's slices: ~300 bytes each).
+MAX_BODY = 4 << 20
+#: Seconds a client may take per socket operation: a stalled sender cannot hold a thread.
+TIMEOUT_S = 10
+
+
 def make_handler(secret: str):
     seen: set[str] = set()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = TIMEOUT_S
+
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:   # the peer's word: bound it before reading
+                self.send_response(411 if length < 0 else 413)
+                self.end_headers()
+                return
+            body = self.rfile.read(length)
             if secret and not verify(body, self.headers.get("X-ICH-Signature", ""), secret,
                                      self.headers.get("X-ICH-Timestamp", "")):
                 self.send_response(401)

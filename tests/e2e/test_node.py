@@ -18,17 +18,13 @@ import pytest
 from tests.modelfactory import blood_detector
 from pydicom.uid import generate_uid
 
-from tests.services import RedisServer, ServiceProcess, WebhookReceiver, free_port, metrics_text
+from tests.services import (RedisServer, ServiceProcess, WebhookReceiver, free_port, metrics_text,
+                            procfile)
 from training.synthetic import make_study, to_bytes
 from worker.alerts import verify
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "e2e-secret"
-
-
-def procfile() -> dict[str, str]:
-    lines = (ROOT / "Procfile").read_text().splitlines()
-    return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
 
 
 def write_study(folder: Path, subtypes: tuple[str, ...], index: int) -> tuple[str, list, set[str]]:

@@ -12,6 +12,7 @@ from pynetdicom.sop_class import Verification
 
 from tests.listener.conftest import AE
 from tests.listener.test_listener import ct_slice, statuses
+from tests.services import memory_mib
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -99,19 +100,12 @@ def test_silent_connections_are_closed_early_and_free_their_slots(listener_facto
     assert statuses(listener.port, [ct_slice(0, study, series)]) == [0]   # slots are free again
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_a_declared_giant_pdu_allocates_nothing_and_is_closed(listener):
     """A 6-byte header may declare a 4 GiB PDU (PS3.8 §9.3.1). 16 such connections must leave
     the listener's memory as it was, be closed at once, and not stop a real sender."""
     import socket
 
-    idle = _rss_mib(listener.proc.pid)
+    idle = memory_mib(listener.proc.pid)
     peers = []
     for _ in range(16):
         s = socket.create_connection(("127.0.0.1", listener.port), timeout=10)
@@ -122,7 +116,7 @@ def test_a_declared_giant_pdu_allocates_nothing_and_is_closed(listener):
         assert s.recv(1) == b""                          # the listener closed it
         s.close()
     assert time.monotonic() - started < 5
-    assert _rss_mib(listener.proc.pid) - idle < 50
+    assert memory_mib(listener.proc.pid) - idle < 50
     # Their association slots free within the ACSE cleanup; then a real sender is served.
     study, series = generate_uid(), generate_uid()
     deadline = time.monotonic() + 10

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
@@ -14,7 +13,7 @@ from dicom_listener.send import responses_stay_queued
 from tests.ctfactory import ct_dataset, lesion_hu
 from tests.modelfactory import blood_detector
 from tests.pipeline import Pipeline, ScriptedReceiver
-from tests.services import RedisServer, ServiceProcess, free_port
+from tests.services import RedisServer, ServiceProcess, free_port, memory_mib
 
 pytestmark = pytest.mark.soak
 SLICES, SENDERS, MAX_QUEUE = 5000, 4, 1500
@@ -42,13 +41,6 @@ def _send(args: tuple) -> dict[str, int]:
         out[template.SOPInstanceUID] = assoc.send_c_store(template).get("Status", -1)
     assoc.release()
     return out
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def test_burst_of_5000_slices_loses_nothing(tmp_path):
@@ -86,8 +78,8 @@ def test_burst_of_5000_slices_loses_nothing(tmp_path):
         print(f"\nburst: {SLICES} sent by {SENDERS} senders in {sent_s:.1f} s "
               f"({SLICES / sent_s:.0f}/s); stored {len(stored)}, refused 0xA700 {len(refused)} "
               f"(ICH_MAX_QUEUE {MAX_QUEUE}), no response {len(unknown)}; scored {len(p.results(study))}, lost 0; all scored after "
-              f"{drained_s:.0f} s; peak RSS listener {peak_rss_mib(listener.proc.pid):.0f} MiB, "
-              f"scoring worker {peak_rss_mib(p.scoring.proc.pid):.0f} MiB")
+              f"{drained_s:.0f} s; peak RSS listener {memory_mib(listener.proc.pid, 'VmHWM'):.0f} MiB, "
+              f"scoring worker {memory_mib(p.scoring.proc.pid, 'VmHWM'):.0f} MiB")
     finally:
         listener.stop()
         p.stop()

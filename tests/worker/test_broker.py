@@ -28,17 +28,14 @@ def test_the_procfile_alerts_worker_behind_a_hanging_consumer_reserves_one_deliv
     import socket
     import time
     import uuid
-    from pathlib import Path
 
     import redis
 
     from ich import keys
     from ich.queue import DELIVER_TASK, task_message
-    from tests.services import ServiceProcess, free_port, wait_for_port
+    from tests.services import ServiceProcess, free_port, procfile, wait_for_port
 
-    line = next(line for line in (Path(__file__).parents[2] / "Procfile").read_text().splitlines()
-                if line.startswith("alerts:"))
-    argv = shlex.split(line.split(":", 1)[1])
+    argv = shlex.split(procfile()["alerts"])
     assert argv[:2] == ["celery", "-A"]
     hang = socket.socket()
     hang.bind(("127.0.0.1", 0))
