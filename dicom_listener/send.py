@@ -31,14 +31,16 @@ def find_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def synthetic_datasets(studies: int, seed: int, positive: bool | None) -> list[Dataset]:
-    """Phantom slices in memory; `positive` picks studies with (True) or without (False) bleeds."""
+def synthetic_datasets(studies: int, seed: int, positive: bool | None,
+                       site: str = "randomised") -> list[Dataset]:
+    """Phantom slices of `site` (training.synthetic.SITES) in memory; `positive` picks studies
+    with (True) or without (False) bleeds."""
     from training.synthetic import make_study  # the sender works without it for real files
 
     out: list[Dataset] = []
     index = 0
     while len({ds.StudyInstanceUID for ds in out}) < studies:
-        study = make_study(seed, index)
+        study = make_study(seed, index, site=site)
         index += 1
         is_positive = any(s.labels["any"] for s in study)
         if positive is None or positive == is_positive:
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="parallel associations")
     p.add_argument("--synthetic-studies", type=int, default=0, help="send N phantom studies")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--site", default="randomised",
+                   help="phantom site: randomised (default, as `make run` trains on) | legacy | site-d")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--positive", dest="positive", action="store_true", default=None,
                       help="only phantom studies with a bleed")
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     items: list = find_files(args.paths)
     if args.synthetic_studies:
-        items += synthetic_datasets(args.synthetic_studies, args.seed, args.positive)
+        items += synthetic_datasets(args.synthetic_studies, args.seed, args.positive, args.site)
     if not items:
         p.error("nothing to send: give paths or --synthetic-studies")
     n = max(1, min(args.concurrency, len(items)))

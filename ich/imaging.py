@@ -204,10 +204,16 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def load_slice(source: Source, size: int = 224, require_ct: bool = True) -> np.ndarray:
     """One slice → (size, size, 3) float32 windows in [0, 1]; raises SliceError."""
+    return windows(load_hu(source, size, require_ct))
+
+
+def load_hu(source: Source, size: int = 224, require_ct: bool = True) -> np.ndarray:
+    """One slice → (size, size) float32 HU, resized: `load_slice` before windowing (training
+    augments here, in HU, where scanners differ). Resizing in HU (linear) then windowing
+    resamples one channel instead of three."""
     ds = read_dataset(source)
     check_slice(ds, require_ct=require_ct)
-    # Resize in HU (linear), then window: one channel to resample instead of three.
-    return windows(resize(to_hu(ds), size))
+    return resize(to_hu(ds), size)
 
 
 @lru_cache(maxsize=64)

@@ -31,6 +31,9 @@ class TrainConfig:
     synthetic_studies: int | None = None     # or: generate this many phantom studies
     synthetic_dir: str | None = None         # where phantoms go (default data/synthetic/<params>)
     synthetic_slices: tuple[int, int] = (24, 36)
+    synthetic_site: str = "randomised"       # training.synthetic.SITES: the generator's ranges
+    site_studies: int = 0                    # phantom studies of the held-out site (0: none)
+    heldout: list[str] = field(default_factory=list)   # RSNA-layout folders of other sites
     split: str = "study"                     # study: by StudyInstanceUID | slice: ShuffleSplit (reference)
     seed: int = 42
     # model
@@ -47,6 +50,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None       # None = one pass over the training images; 0 = auto
     loss: str = "bce"                        # bce | weighted (RSNA weights: any counts twice)
     augment: bool = True
+    hu_augment: str = "none"                 # none | all | comma list of training.data.HU_AUGMENTS
     bn_recalibrate: int = 0                  # batches of BN statistics recomputed before validation
     validate_from: int = 1                   # first epoch validated (and eligible as best)
     positive_fraction: float | None = None   # share of `any`-positive images per batch (None: natural)
@@ -68,6 +72,17 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if (self.data is None) == (self.synthetic_studies is None):
             raise ConfigError("give exactly one of --data DIR or --synthetic-studies N")
+        from training.data import hu_augment
+        from training.synthetic import SITES
+
+        if self.synthetic_site not in SITES:
+            raise ConfigError(f"--synthetic-site must be one of {', '.join(SITES)}, not {self.synthetic_site!r}")
+        if self.site_studies < 0:
+            raise ConfigError("--site-studies must be >= 0")
+        try:
+            hu_augment(self.hu_augment)
+        except ValueError as exc:
+            raise ConfigError(f"--hu-augment: {exc}") from None
         if self.synthetic_studies is not None and self.synthetic_studies < 2:
             raise ConfigError("--synthetic-studies must be at least 2 (train and validation)")
         if self.split not in ("slice", "study"):
@@ -121,6 +136,8 @@ SCRATCH_RECIPE: dict[str, Any] = {
     "validate_from": 4,          # epochs 1-3 are never the best; their validation time trains
     "cache": None,               # auto: keep decoded images when they fit in CACHE_BUDGET_BYTES
     "target_recall": 0.95,
+    "hu_augment": "all",         # scanners differ in HU: calibration, kernel, noise (issue 12)
+    "site_studies": 60,          # phantoms only: figures on the held-out site-d as well
 }
 SYNTHETIC_RECIPE = SCRATCH_RECIPE   # the name earlier versions used
 #: Named recipes: `reference` is the RSNA 2019 Keras baseline as it was (for parity, or for
@@ -128,7 +145,7 @@ SYNTHETIC_RECIPE = SCRATCH_RECIPE   # the name earlier versions used
 RECIPES: dict[str, dict[str, Any]] = {"scratch": SCRATCH_RECIPE, "reference": {"cache": False}}
 #: Minimum steps per epoch of an automatic schedule, and passes over the data in all.
 AUTO_MIN_STEPS, AUTO_PASSES = 60, 2
-#: Decoded images kept in memory by `cache` auto (float32, size² × 3 × 4 bytes each).
+#: Decoded slices kept in memory by `cache` auto (float32 HU, size² × 4 bytes each).
 CACHE_BUDGET_BYTES = 4 << 30
 
 
@@ -147,7 +164,7 @@ def use_cache(config: "TrainConfig", train_images: int) -> bool:
     """Resolve `cache`: None = auto, on when the decoded training images fit the budget."""
     if config.cache is not None:
         return config.cache
-    return train_images * config.input_size ** 2 * 3 * 4 <= CACHE_BUDGET_BYTES
+    return train_images * config.input_size ** 2 * 4 <= CACHE_BUDGET_BYTES
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -169,6 +186,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-dir", metavar="DIR", help="where phantoms are written (reused if complete)")
     p.add_argument("--synthetic-slices", type=int, nargs=2, metavar=("MIN", "MAX"),
                    help="slices per phantom study (default 24 36)")
+    p.add_argument("--synthetic-site", metavar="SITE",
+                   help="phantom generator ranges: randomised (default) | legacy | site-d "
+                        "(training.synthetic.SITES)")
+    p.add_argument("--site-studies", type=int, metavar="N",
+                   help="also generate N phantom studies of the held-out site-d and report every "
+                        "figure on them (default 60 with the scratch recipe, 0 = none)")
+    p.add_argument("--heldout", action="append", metavar="DIR",
+                   help="an RSNA-layout folder from another site: figures reported separately "
+                        "(repeatable); the model chooses nothing on it")
     p.add_argument("--seed", type=int)
     p.add_argument("--engine", help="keras.applications name (default InceptionV3)")
     p.add_argument("--input-size", type=int)
@@ -189,7 +215,11 @@ def parser() -> argparse.ArgumentParser:
                    help="draw this share of training images from bleeding slices; predictions "
                         "are prior-corrected back to the data's prevalence (default: natural)")
     p.add_argument("--loss", choices=("bce", "weighted"))
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="geometric batch augmentation: flip, rotation, shift, zoom (default on)")
+    p.add_argument("--hu-augment", metavar="OPS",
+                   help="augmentation in HU before windowing: all | none | comma list of "
+                        "calibration,kernel,noise (default all with the scratch recipe)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction,
                    help="keep decoded training images in memory after their first read")
     p.add_argument("--workers", type=int, help="parallel DICOM decoders")

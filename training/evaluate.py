@@ -261,33 +261,55 @@ def compiled_forward(model):
 
 
 def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
-                      batch_size: int = 32, workers: int = 2, predictions: Path | None = None) -> dict:
+                      batch_size: int = 32, workers: int = 2, predictions: Path | None = None,
+                      heldout: list[Path] | None = None) -> dict:
     """Score an artifact on an RSNA-layout folder: slice figures at the card's slice
     thresholds, study figures under the card's study rule and thresholds (what a worker
-    serving it would decide), and the studies that would alert."""
+    serving it would decide), and the studies that would alert. Each `heldout` folder (another
+    site) gets the same figures under `heldout.<folder name>`, never pooled with the first."""
     from ich.model import load_artifact
-    from training.data import Decoder, read_trainset, slice_headers
-    from training.studies import StudySet, alerting_studies, plot_study_curves, study_metrics
 
     model, card = load_artifact(model_dir)
+    forward = compiled_forward(model)
+    result = {"model": card.version, "status": card.status, "data": str(data_dir),
+              **score_folder(forward, card, data_dir, batch_size, workers, plots, predictions)}
+    result["verdict"] = verdict(result)
+    if heldout:
+        result["heldout"] = {}
+        for folder in heldout:
+            figures = score_folder(forward, card, folder, batch_size, workers)
+            figures["verdict"] = verdict(figures)
+            result["heldout"][Path(folder).name] = {"data": str(folder), **figures}
+    return result
+
+
+def score_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: int = 2,
+                 plots: Path | None = None, predictions: Path | None = None) -> dict:
+    """Every figure of one RSNA-layout folder under the card's thresholds and rule."""
+    from training.data import Decoder, read_trainset, slice_headers
+
     trainset = read_trainset(data_dir)
     decoder = Decoder(trainset.paths, card.input_size)
-    rows, p = predict_rows(compiled_forward(model), trainset, decoder, batch_size, workers)
+    rows, p = predict_rows(forward, trainset, decoder, batch_size, workers)
     if len(rows) == 0:
         raise ValueError(f"no decodable images in {data_dir}")
     y = trainset.labels[rows]
-    slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
-    rule = card.rule()
     headers = slice_headers(trainset.paths[rows])
-    study_set = StudySet.build(y, p, headers)
+    slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
     if predictions is not None:
         write_predictions(predictions, {"evaluate": (trainset.take(rows), headers, p)})
-    result = {"model": card.version, "status": card.status, "data": str(data_dir),
-              **metrics(y, p, slice_thresholds),
-              "study": study_metrics(study_set, rule),
-              "alerting_studies": sorted(alerting_studies(study_set, rule)),
+    result = {**figures(y, p, headers, slice_thresholds, card.rule(), plots),
               "read": trainset.report(), "decode": decoder.report()}
-    result["verdict"] = verdict(result)
+    return result
+
+
+def figures(y, p, headers, slice_thresholds: dict, rule, plots: Path | None = None) -> dict:
+    """Slice figures at `slice_thresholds`, study figures under `rule`, the alerting studies."""
+    from training.studies import StudySet, alerting_studies, plot_study_curves, study_metrics
+
+    study_set = StudySet.build(y, p, headers)
+    result = {**metrics(y, p, slice_thresholds), "study": study_metrics(study_set, rule),
+              "alerting_studies": sorted(alerting_studies(study_set, rule))}
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(plot_precision_recall(y, p, slice_thresholds, plots / "precision_recall.png")),
@@ -303,6 +325,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", type=Path, help="folder for the plots (default var/evaluate/<version>)")
     parser.add_argument("--predictions", type=Path, metavar="CSV",
                         help="also write every slice's prediction with its study, series, instance and z")
+    parser.add_argument("--heldout", type=Path, action="append", default=[], metavar="DIR",
+                        help="another site's RSNA-layout folder: the same figures, reported "
+                             "separately under heldout.<name> (repeatable)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
@@ -313,13 +338,14 @@ def main(argv=None) -> int:
     try:
         plots = args.plots or Path("var/evaluate") / ModelCard.read(args.model).version
         result = evaluate_artifact(args.model, args.data, plots, args.batch_size, args.workers,
-                                   args.predictions)
+                                   args.predictions, args.heldout)
     except (ArtifactError, DataError, ValueError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(json.dumps(result, indent=2))
-    v = result["verdict"]
-    print(f"verdict on {args.data}: " + ("passed" if v["passed"] else "FAILED: " + "; ".join(v["reasons"])),
-          file=sys.stderr)
+    for data, v in [(args.data, result["verdict"]),
+                    *((h["data"], h["verdict"]) for h in result.get("heldout", {}).values())]:
+        print(f"verdict on {data}: " + ("passed" if v["passed"] else "FAILED: " + "; ".join(v["reasons"])),
+              file=sys.stderr)
     return 0
 
 

@@ -54,7 +54,7 @@ AIR_HU, PADDING_STORED = -1000.0, -2000
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ich-watch:synthetic:v1")
 
 # SeedSequence streams: one per independent kind of random choice.
-_S_ANATOMY, _S_BLEEDS, _S_NOISE, _S_VARIANT, _S_POSITIVE, _S_IDS, _S_META = range(7)
+_S_ANATOMY, _S_BLEEDS, _S_NOISE, _S_VARIANT, _S_POSITIVE, _S_IDS, _S_META, _S_SITE = range(8)
 
 # Subtype choice weights, the z-band (normalised -0.85 bottom .. 0.95 top) a bleed may occupy
 # and its length as a fraction of the study's slices.
@@ -76,6 +76,126 @@ class SyntheticSlice:
     labels: dict[str, int]
     bleed_mask: np.ndarray          # bool (Rows, Columns): pixels drawn as blood, any subtype
     bleed_pixels: dict[str, int]    # subtype -> pixels drawn on this slice
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a dataset comes from: the ranges each study's patient, scanner and protocol are
+    drawn from, uniformly in [lo, hi] (a probability for the optional findings).
+
+    A model trained on one narrow generator learns that generator (issue 12: a phantom-trained
+    model alerted on 15 of 15 normal studies of another generator). `randomised` spreads every
+    axis that differs between scanners, sites and patients; `site-d` lies outside it on noise
+    texture, reconstruction kernel and head size, so it can stand for a hospital the model
+    never saw. `legacy` is the generator before sites existed, byte for byte.
+    docs/training.md tabulates the ranges and why each.
+    """
+
+    name: str
+    head_scale: tuple[float, float] = (1.0, 1.0)    # x head semi-axes (adult population)
+    tilt: tuple[float, float] = (0.0, 0.0)          # rad of in-plane rotation beyond +-0.12
+    fov_mm: tuple[float, float] = (FOV_MM, FOV_MM)  # reconstruction field of view
+    slice_mm: tuple[float, ...] = (SLICE_SPACING_MM,)   # slice thickness = spacing (a choice)
+    noise_scale: tuple[float, float] = (1.0, 1.0)   # x the anatomy's 3-6 HU noise SD (dose)
+    noise_grain: tuple[float, float] = (0.0, 0.0)   # px at 512²: noise correlation (texture)
+    kernel: tuple[float, float] = (0.0, 0.0)        # < 0: blur sigma px (soft); > 0: unsharp gain
+    hu_offset: tuple[float, float] = (0.0, 0.0)     # HU calibration error (water is not 0)
+    cupping: tuple[float, float] = (0.0, 0.0)       # HU beam hardening: the centre darker by this
+    streaks: tuple[float, float] = (0.0, 0.0)       # HU of skull-base streaks (petrous bones)
+    motion: float = 0.0                             # probability of a ghosted (moving) study
+    atrophy: tuple[float, float] = (0.0, 0.0)       # 0 young .. 1 atrophic: CSF, sulci, ventricles
+    calcification: float = 0.0                      # probability of each physiological calcification
+    dense_vessel: float = 0.0                       # probability of a hyperdense MCA (not a bleed)
+    bleed_shift: tuple[float, float] = (0.0, 0.0)   # HU added to a bleed's 60-80 (SAH 56-70)
+    bleed_scale: tuple[float, float] = (1.0, 1.0)   # x bleed thickness and blob size
+    blood_clip: tuple[float, float] = (50.0, 90.0)  # blood HU after noise stays in this range
+
+
+#: Named sites. Training data default to `randomised`; `site-d` is for held-out validation only.
+SITES: dict[str, Site] = {
+    "legacy": Site("legacy"),
+    "randomised": Site(
+        "randomised", head_scale=(0.88, 1.10), tilt=(-0.25, 0.25), fov_mm=(200.0, 260.0),
+        slice_mm=(2.5, 3.0, 5.0), noise_scale=(0.6, 1.8), noise_grain=(0.0, 1.2),
+        kernel=(-1.0, 0.6), hu_offset=(-6.0, 6.0), cupping=(0.0, 10.0), streaks=(0.0, 25.0),
+        motion=0.1, atrophy=(0.0, 1.0), calcification=0.5, dense_vessel=0.15,
+        bleed_shift=(-18.0, 8.0), bleed_scale=(0.5, 1.3), blood_clip=(30.0, 100.0)),
+    "site-d": Site(
+        "site-d", head_scale=(1.12, 1.22), tilt=(-0.25, 0.25), fov_mm=(240.0, 280.0),
+        slice_mm=(1.25, 2.0), noise_scale=(1.4, 2.2), noise_grain=(1.4, 2.2),
+        kernel=(0.7, 1.1), hu_offset=(-6.0, 6.0), cupping=(5.0, 12.0), streaks=(15.0, 35.0),
+        motion=0.1, atrophy=(0.3, 1.0), calcification=0.7, dense_vessel=0.2,
+        bleed_shift=(-18.0, 8.0), bleed_scale=(0.5, 1.3), blood_clip=(30.0, 100.0)),
+}
+DEFAULT_SITE = "randomised"
+
+
+def site_named(site: "str | Site") -> Site:
+    if isinstance(site, Site):
+        return site
+    try:
+        return SITES[site]
+    except KeyError:
+        raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}") from None
+
+
+@dataclass(frozen=True)
+class _Acquisition:
+    """One study's draw from its site: scanner, protocol, patient and incidental findings."""
+
+    site: str
+    head_scale: float
+    tilt: float
+    fov_mm: float
+    slice_mm: float
+    noise_scale: float
+    noise_grain: float
+    kernel: float
+    hu_offset: float
+    cupping: float
+    streaks: tuple        # (amplitude, ((angle, offset mm, width mm, sign), ...))
+    motion: tuple         # (weight, dx px, dy px); weight 0 = still
+    atrophy: float
+    calcifications: tuple  # (kind, x mm, y mm, z centre, z half, radius mm, HU)
+    vessel: tuple         # () or (side, zn, HU, radius mm)
+    bleed_shift: tuple[float, float]
+    bleed_scale: float
+    blood_clip: tuple[float, float]
+
+
+def _acquisition(seed: int, index: int, site: Site) -> _Acquisition:
+    """The study's draw from `site`, from its own stream (anatomy and bleeds keep theirs).
+    The number of draws does not depend on the site, only their ranges do."""
+    rng = _rng(seed, _S_SITE, index)
+    u = lambda lo_hi: _u(rng, *lo_hi)  # noqa: E731
+    values = dict(
+        head_scale=u(site.head_scale), tilt=u(site.tilt), fov_mm=u(site.fov_mm),
+        slice_mm=float(site.slice_mm[int(rng.integers(0, len(site.slice_mm)))]),
+        noise_scale=u(site.noise_scale), noise_grain=u(site.noise_grain), kernel=u(site.kernel),
+        hu_offset=u(site.hu_offset), cupping=u(site.cupping))
+    amplitude = u(site.streaks)
+    lines = tuple((_u(rng, -0.5, 0.5), _u(rng, -25, 10), _u(rng, 1.0, 3.0),
+                   -1.0 if rng.random() < 0.75 else 1.0) for _ in range(4))
+    moving = rng.random() < site.motion
+    motion = (_u(rng, 0.15, 0.35), _u(rng, -4, 4), _u(rng, -4, 4))
+    atrophy = u(site.atrophy)
+    calcifications = []
+    for kind in ("pineal", "choroid", "falx", "basal"):
+        present = rng.random() < site.calcification
+        x, y, radius, hu = _u(rng, -1, 1), _u(rng, -1, 1), _u(rng, 0, 1), _u(rng, 0, 1)
+        if present:
+            calcifications.append((kind, x, y, radius, hu))
+    vessel_present = rng.random() < site.dense_vessel
+    vessel = (int(rng.integers(0, 2)) * 2 - 1, _u(rng, -0.5, -0.4), _u(rng, 55, 70), _u(rng, 1.0, 1.6))
+    shifts = (u(site.bleed_shift), u(site.bleed_shift))
+    return _Acquisition(
+        site=site.name, **values, streaks=(amplitude, lines) if amplitude > 0 else (0.0, ()),
+        motion=motion if moving else (0.0, 0.0, 0.0), atrophy=atrophy,
+        calcifications=tuple(calcifications), vessel=vessel if vessel_present else (),
+        bleed_shift=shifts, bleed_scale=u(site.bleed_scale), blood_clip=tuple(site.blood_clip))
 
 
 # ----------------------------------------------------------------------------- seeds and ids
@@ -222,20 +342,35 @@ class _Head:
     curl: float
     vent: tuple[float, ...]   # lateral ventricles: x offset, y centre, half-width, half-length, bend
     z0: float
+    fov: float = FOV_MM
 
 
-def _head(seed: int, index: int, slices: tuple[int, int], size: int) -> _Head:
+def _head(seed: int, index: int, slices: tuple[int, int], size: int,
+          acq: "_Acquisition | None" = None) -> _Head:
+    """The study's anatomy; `acq` scales the head, rotates it, widens the CSF spaces
+    (atrophy) and sets the noise, all from the site's stream so the anatomy draws stay put."""
     rng = _rng(seed, _S_ANATOMY, index)
     u = functools.partial(_u, rng)
+    scale = acq.head_scale if acq else 1.0
+    atrophy = acq.atrophy if acq else 0.0
+    n = int(rng.integers(slices[0], slices[1] + 1))
+    cx, cy, theta, a, b = u(-6, 6), u(-6, 6), u(-0.12, 0.12), u(68, 78), u(86, 97)
+    shape = (u(-0.03, 0.03), u(0, 6.3), u(-0.02, 0.02), u(0, 6.3))
+    t_scalp, t_skull, skull_peak, scalp_hu = u(3, 5.5), u(4, 6.5), u(1350, 1470), u(22, 38)
+    grey_hu, white_hu, csf_hu, rim, grey = u(37, 44), u(25, 30), u(3, 12), u(1.0, 1.8), u(2.3, 3.2)
+    noise_sd, sulci, sulcus_w = u(3, 6), int(rng.integers(34, 46)), u(1.2, 1.6)
+    sulcus_depth, wobble, curl = u(9, 15), (u(0.2, 0.45), u(0, 6.3)), u(-0.25, 0.25)
+    vx, vy, vw, vl, bend = u(5.5, 8), u(-6, 4), u(2.5, 4), u(18, 26), u(2, 5)
+    if atrophy:                    # ex vacuo: wider rim, sulci and ventricles
+        rim, sulcus_w = rim + 2.0 * atrophy, sulcus_w + 1.0 * atrophy
+        vx, vw, vl = vx * (1 + 0.3 * atrophy), vw * (1 + 0.8 * atrophy), vl * (1 + 0.2 * atrophy)
     return _Head(
-        n=int(rng.integers(slices[0], slices[1] + 1)), size=size,
-        cx=u(-6, 6), cy=u(-6, 6), theta=u(-0.12, 0.12), a=u(68, 78), b=u(86, 97),
-        shape=(u(-0.03, 0.03), u(0, 6.3), u(-0.02, 0.02), u(0, 6.3)),
-        t_scalp=u(3, 5.5), t_skull=u(4, 6.5), skull_peak=u(1350, 1470), scalp_hu=u(22, 38),
-        grey_hu=u(37, 44), white_hu=u(25, 30), csf_hu=u(3, 12), rim=u(1.0, 1.8), grey=u(2.3, 3.2),
-        noise_sd=u(3, 6), sulci=int(rng.integers(34, 46)), sulcus_w=u(1.2, 1.6),
-        sulcus_depth=u(9, 15), wobble=(u(0.2, 0.45), u(0, 6.3)), curl=u(-0.25, 0.25),
-        vent=(u(5.5, 8), u(-6, 4), u(2.5, 4), u(18, 26), u(2, 5)), z0=round(u(-60, 20), 1),
+        n=n, size=size, cx=cx, cy=cy, theta=theta + (acq.tilt if acq else 0.0),
+        a=a * scale, b=b * scale, shape=shape, t_scalp=t_scalp, t_skull=t_skull,
+        skull_peak=skull_peak, scalp_hu=scalp_hu, grey_hu=grey_hu, white_hu=white_hu,
+        csf_hu=csf_hu, rim=rim, grey=grey, noise_sd=noise_sd * (acq.noise_scale if acq else 1.0),
+        sulci=sulci, sulcus_w=sulcus_w, sulcus_depth=sulcus_depth, wobble=wobble, curl=curl,
+        vent=(vx, vy, vw, vl, bend), z0=round(u(-60, 20), 1), fov=acq.fov_mm if acq else FOV_MM,
     )
 
 
@@ -250,7 +385,7 @@ class _Grid:
     """Float32 coordinate grids of one study, on the crop that can hold the head."""
 
     def __init__(self, h: _Head):
-        pixel_mm = FOV_MM / h.size
+        pixel_mm = h.fov / h.size
         centres = ((np.arange(h.size) - (h.size - 1) / 2) * pixel_mm).astype(np.float32)
         grow = 1 + abs(h.shape[0]) + abs(h.shape[2])
         cos, sin = math.cos(h.theta), math.sin(h.theta)
@@ -374,7 +509,13 @@ class _Bleed:
     params: dict
 
 
-def _plan_bleeds(seed: int, index: int, h: _Head, subtypes) -> list[_Bleed]:
+#: What a site's bleed_scale multiplies: thickness of extra-axial bleeds, extent of SAH
+#: (intraparenchymal blobs scale their sigmas; intraventricular blood fills its ventricle).
+_SCALED = {"epidural": ("thick",), "subdural": ("thick",), "subarachnoid": ("alpha",)}
+
+
+def _plan_bleeds(seed: int, index: int, h: _Head, subtypes,
+                 acq: "_Acquisition | None" = None) -> list[_Bleed]:
     """Subtypes (seeded unless forced), z-ranges, shapes and HU of the study's bleeds.
 
     They come from their own stream, so forcing subtypes or rendering without bleeds leaves
@@ -400,6 +541,12 @@ def _plan_bleeds(seed: int, index: int, h: _Head, subtypes) -> list[_Bleed]:
                      weights=rng.uniform(0.6, 1.0, blobs).tolist(),
                      drift=rng.normal(0, 1.5, 2).tolist())
         hu = _u(rng, 56, 70) if subtype == "subarachnoid" else _u(rng, 60, 80)
+        if acq is not None:        # the site's density (down to near-isodense) and size
+            hu += acq.bleed_shift[len(bleeds) % 2]
+            for key in _SCALED.get(subtype, ()):
+                p[key] *= acq.bleed_scale
+            if "sigmas" in p:
+                p["sigmas"] = [sigma * acq.bleed_scale for sigma in p["sigmas"]]
         bleeds.append(_Bleed(subtype, k0, length, hu, p))
     return bleeds
 
@@ -552,7 +699,8 @@ def _da(day: np.datetime64) -> str:
     return str(day).replace("-", "")
 
 
-def _dataset(seed, index, k, h: _Head, m: _Meta, variant, stored, tags) -> FileDataset:
+def _dataset(seed, index, k, h: _Head, m: _Meta, variant, stored, tags,
+             acq: _Acquisition) -> FileDataset:
     """The slice as a CT Image Storage dataset with file meta, ready for dcmwrite."""
     sop_uid = _uid(seed, index, "sop", k)
     fm = FileMetaDataset()
@@ -562,9 +710,9 @@ def _dataset(seed, index, k, h: _Head, m: _Meta, variant, stored, tags) -> FileD
     fm.ImplementationClassUID = IMPLEMENTATION_UID
     fm.ImplementationVersionName = "ICHWATCH_SYN1"
     ds = FileDataset("", {}, file_meta=fm, preamble=b"\0" * 128)
-    pixel_mm = FOV_MM / h.size
+    pixel_mm = h.fov / h.size
     corner = -(h.size - 1) / 2 * pixel_mm
-    z = h.z0 + k * SLICE_SPACING_MM
+    z = h.z0 + k * acq.slice_mm
     ds.update({
         "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
         "SOPClassUID": CTImageStorage, "SOPInstanceUID": sop_uid,
@@ -575,7 +723,7 @@ def _dataset(seed, index, k, h: _Head, m: _Meta, variant, stored, tags) -> FileD
         "SeriesDescription": f"PHANTOM {variant}",
         "PatientName": m.patient_name, "PatientID": m.patient_id,
         "PatientBirthDate": m.birth_date, "PatientSex": m.sex,
-        "SliceThickness": f"{SLICE_SPACING_MM:.1f}", "KVP": "120", "PatientPosition": "HFS",
+        "SliceThickness": f"{acq.slice_mm:g}" if acq.site != "legacy" else f"{acq.slice_mm:.1f}", "KVP": "120", "PatientPosition": "HFS",
         "StudyInstanceUID": m.study_uid, "SeriesInstanceUID": m.series_uid,
         "StudyID": str(index + 1), "SeriesNumber": 2, "AcquisitionNumber": 1,
         "InstanceNumber": k + 1,
@@ -591,6 +739,9 @@ def _dataset(seed, index, k, h: _Head, m: _Meta, variant, stored, tags) -> FileD
         "RescaleIntercept": f"{tags['RescaleIntercept']:g}",
         "RescaleSlope": f"{tags['RescaleSlope']:g}", "RescaleType": "HU",
     })
+    if acq.site != "legacy":          # where and how it was acquired, as a real scanner says
+        ds.InstitutionName = f"ICH Watch phantom site {acq.site}"
+        ds.ConvolutionKernel = "SOFT" if acq.kernel < -0.3 else "SHARP" if acq.kernel > 0.3 else "STANDARD"
     if variant == "padded":
         ds[0x00280120] = DataElement(0x00280120, "SS", PADDING_STORED)
     ds[0x7FE00010] = DataElement(0x7FE00010, "OW", stored.tobytes())
@@ -620,18 +771,31 @@ def _noise(seed: int, index: int, h: _Head) -> tuple[np.ndarray, np.ndarray]:
     return bank, rng.integers(0, pixels, h.n)
 
 
-def _render(seed, index, k, h, g, m, variant, noise, masks, bleed_hu) -> SyntheticSlice:
-    """Slice k: anatomy plus noise, blood (50-90 HU) where `masks` say, encoded as `variant`."""
+def _render(seed, index, k, h, g, m, variant, noise, masks, bleed_hu,
+            acq: _Acquisition) -> SyntheticSlice:
+    """Slice k: anatomy, incidental findings, blood where `masks` say, the scanner's artefacts
+    and reconstruction kernel, noise of the site's texture, its HU calibration; encoded as
+    `variant`. Blood stays within the site's `blood_clip` after noise."""
     bank, offsets = noise
     pixels = h.size * h.size
     noise = bank[offsets[k]:offsets[k] + pixels].reshape(h.size, h.size)
+    if acq.noise_grain:
+        noise = _textured(noise, acq.noise_grain * h.size / 512, h.noise_sd)
+    a = _anatomy(h, g, k)
+    clean = a.hu
+    _findings(clean, h, g, a, k, acq)
+    union = np.zeros(clean.shape, bool)
+    for subtype, mask in masks.items():
+        clean[mask] = bleed_hu[subtype]
+        union |= mask
+    clean = _scanner(clean, h, g, a, k, acq)
     hu = noise + np.float32(AIR_HU)
     crop = hu[g.crop]
-    crop[...] = _anatomy(h, g, k).hu + noise[g.crop]
-    union = np.zeros(crop.shape, bool)
-    for subtype, mask in masks.items():
-        crop[mask] = np.clip(bleed_hu[subtype] + noise[g.crop][mask], 50, 90)
-        union |= mask
+    crop[...] = clean + noise[g.crop]
+    if masks:
+        crop[union] = np.clip(crop[union], *acq.blood_clip)
+    if acq.hu_offset:
+        hu += np.float32(acq.hu_offset)
     hu_int = np.clip(np.rint(hu), -1024, 3071).astype(np.int32)
     stored, tags = _encode(hu_int, variant)
     bleed_mask = np.zeros(hu.shape, bool)
@@ -639,8 +803,93 @@ def _render(seed, index, k, h, g, m, variant, noise, masks, bleed_hu) -> Synthet
     labels = {s: int(s in masks) for s in SUBTYPES}
     labels[ANY] = int(bool(masks))
     return SyntheticSlice(image_id(seed, index, k),
-                          _dataset(seed, index, k, h, m, variant, stored, tags),
+                          _dataset(seed, index, k, h, m, variant, stored, tags, acq),
                           labels, bleed_mask, {s: int(v.sum()) for s, v in masks.items()})
+
+
+def _textured(noise: np.ndarray, grain_px: float, sd: float) -> np.ndarray:
+    """White noise correlated over `grain_px` (a smoother kernel's texture), same SD."""
+    from scipy.ndimage import gaussian_filter
+
+    out = gaussian_filter(noise, grain_px, mode="wrap")
+    out *= np.float32(sd / max(float(out.std()), 1e-6))
+    return out
+
+
+def _disk(g: _Grid, x: float, y: float, radius: float) -> np.ndarray:
+    return (g.xh - np.float32(x)) ** 2 + (g.yh - np.float32(y)) ** 2 < radius * radius
+
+
+def _findings(hu: np.ndarray, h: _Head, g: _Grid, a: _Anatomy, k: int, acq: _Acquisition) -> None:
+    """Hard negatives, drawn in place: physiological calcifications (pineal, choroid plexus,
+    falx, basal ganglia; 90-400 HU) and a hyperdense middle cerebral artery (55-70 HU, as
+    dense as blood). None of them is a haemorrhage; a model must not alert on them."""
+    if not acq.calcifications and not acq.vessel:
+        return
+    zn = float(g.zn[k])
+    vx, vy, vw, vl, _ = h.vent
+    inside = a.di >= 0
+    for kind, x, y, r, level in acq.calcifications:
+        if kind == "falx":
+            t = _taper(zn, 0.55, 0.2)
+            y0 = -40 + 10 * y
+            mask = (g.ax < (0.6 + 0.6 * r) * t) & (g.yh > y0) & (g.yh < y0 + 20) if t else None
+            value = 120 + 200 * level
+        else:
+            centre, half, place, value = {
+                "pineal": (-0.1, 0.12, ((x, vy + 16 + 2 * y),), 150 + 250 * level),
+                "choroid": (0.1, 0.12, ((vx + 3 + x, vy + 0.55 * vl + 2 * y),
+                                        (-vx - 3 - x, vy + 0.55 * vl + 2 * y)), 100 + 150 * level),
+                "basal": (-0.05, 0.1, ((vx + vw + 12 + 2 * x, vy + 2 + 3 * y),
+                                       (-vx - vw - 12 - 2 * x, vy + 2 + 3 * y)), 90 + 120 * level),
+            }[kind]
+            t = _taper(zn, centre, half)
+            radius = (1.2 + 2.0 * r) * t
+            mask = None
+            if radius > 0.5:
+                mask = np.zeros(hu.shape, bool)
+                for cx, cy in place:
+                    mask |= _disk(g, cx, cy, radius)
+        if mask is not None:
+            np.copyto(hu, np.float32(value), where=mask & inside)
+    if acq.vessel:
+        side, z_vessel, value, radius = acq.vessel
+        if abs(zn - z_vessel) < 0.05:
+            along = g.xh * side
+            mask = (along > 10) & (along < 40) & (np.abs(g.yh - (vy - 8)) < radius)
+            np.copyto(hu, np.float32(value), where=mask & (a.di >= 0))
+
+
+def _scanner(hu: np.ndarray, h: _Head, g: _Grid, a: _Anatomy, k: int, acq: _Acquisition) -> np.ndarray:
+    """What the scanner does to the object: beam-hardening cupping and skull-base streaks
+    inside the skull, patient motion (a ghost), then the reconstruction kernel."""
+    zn, s = float(g.zn[k]), float(g.scale[k])
+    inside = a.di >= 0
+    if acq.cupping:
+        depth = np.clip(a.di / np.float32(0.6 * max(s, 0.2) * min(h.a, h.b)), 0, 1)
+        hu -= np.where(inside, np.float32(acq.cupping) * depth, np.float32(0))
+    amplitude, lines = acq.streaks
+    weight = min(max((-0.3 - zn) / 0.35, 0.0), 1.0)
+    if amplitude and weight:
+        yc = h.vent[1] + 20                       # the posterior fossa, between the petrous bones
+        field = np.zeros(hu.shape, np.float32)
+        for angle, offset, width, sign in lines:
+            d = -g.xh * np.float32(math.sin(angle)) + (g.yh - np.float32(yc + offset)) * np.float32(math.cos(angle))
+            field += np.float32(sign) * np.exp(-(d / np.float32(width)) ** 2)
+        hu += np.where(inside, np.float32(amplitude * weight) * field, np.float32(0))
+    px = h.size / 512
+    ghost, dx, dy = acq.motion
+    if ghost:
+        shifted = np.roll(hu, (round(dy * px), round(dx * px)), axis=(0, 1))
+        hu = np.float32(1 - ghost) * hu + np.float32(ghost) * shifted
+    if acq.kernel:
+        from scipy.ndimage import gaussian_filter
+
+        if acq.kernel < 0:
+            hu = gaussian_filter(hu, -acq.kernel * px, mode="nearest")
+        else:
+            hu = hu + np.float32(acq.kernel) * (hu - gaussian_filter(hu, 1.0 * px, mode="nearest"))
+    return hu
 
 
 # ----------------------------------------------------------------------------- public API
@@ -649,14 +898,16 @@ def _render(seed, index, k, h, g, m, variant, noise, masks, bleed_hu) -> Synthet
 def make_study(seed: int, index: int, prevalence: float = 0.14,
                slices: tuple[int, int] = (24, 36), bleeds: bool = True, *,
                variant: str | None = None,
-               subtypes: tuple[str, ...] | None = None) -> list[SyntheticSlice]:
-    """Render study `index` of the dataset `seed` in memory.
+               subtypes: tuple[str, ...] | None = None,
+               site: "str | Site" = DEFAULT_SITE) -> list[SyntheticSlice]:
+    """Render study `index` of the dataset `seed`, acquired at `site` (SITES), in memory.
 
-    `bleeds=False` gives the same study (anatomy, noise, UIDs) without blood. `variant` and
-    `subtypes` override the seeded choices (e.g. a test that needs a subdural in a 12-bit
-    file); `subtypes=()` forces a negative study.
+    `bleeds=False` gives the same study (anatomy, findings, noise, UIDs) without blood.
+    `variant` and `subtypes` override the seeded choices (e.g. a test that needs a subdural in
+    a 12-bit file); `subtypes=()` forces a negative study.
     """
     _check(seed, index, slices)
+    acq = _acquisition(seed, index, site_named(site))
     variant = variant or study_variant(seed, index)
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
@@ -665,14 +916,14 @@ def make_study(seed: int, index: int, prevalence: float = 0.14,
     unknown = set(subtypes or ()) - set(SUBTYPES)
     if unknown:
         raise ValueError(f"unknown subtypes {sorted(unknown)}; expected from {SUBTYPES}")
-    h = _head(seed, index, slices, 256 if variant == "small256" else 512)
+    h = _head(seed, index, slices, 256 if variant == "small256" else 512, acq)
     g = _Grid(h)
     m = _meta(seed, index)
-    plan = _plan_bleeds(seed, index, h, subtypes)
+    plan = _plan_bleeds(seed, index, h, subtypes, acq)
     drawn = _bleed_masks(plan, h, g) if bleeds else {}
     bleed_hu = {b.subtype: b.hu for b in plan}
     noise = _noise(seed, index, h)
-    return [_render(seed, index, k, h, g, m, variant, noise, drawn.get(k, {}), bleed_hu)
+    return [_render(seed, index, k, h, g, m, variant, noise, drawn.get(k, {}), bleed_hu, acq)
             for k in range(h.n)]
 
 
@@ -686,9 +937,9 @@ def _check(seed: int, index: int, slices) -> None:
 
 def _write_study(job) -> list[tuple[str, tuple[int, ...], str]]:
     """Worker: render and write one study; returns (image id, labels, variant) per slice."""
-    out, seed, index, prevalence, slices = job
+    out, seed, index, prevalence, slices, site = job
     rows = []
-    for sl in make_study(seed, index, prevalence, slices):
+    for sl in make_study(seed, index, prevalence, slices, site=site):
         (out / f"{sl.image_id}.dcm").write_bytes(to_bytes(sl.dataset))
         rows.append((sl.image_id, tuple(sl.labels[label] for label in LABELS),
                      sl.dataset.SeriesDescription.split()[-1]))
@@ -697,8 +948,8 @@ def _write_study(job) -> list[tuple[str, tuple[int, ...], str]]:
 
 def generate(out, studies: int, seed: int, prevalence: float = 0.14,
              slices: tuple[int, int] = (24, 36), workers: int = 1,
-             overwrite: bool = False) -> dict:
-    """Write `studies` phantom studies to `out` in RSNA layout; return a summary dict.
+             overwrite: bool = False, site: "str | Site" = DEFAULT_SITE) -> dict:
+    """Write `studies` phantom studies of `site` to `out` in RSNA layout; return a summary.
 
     The CSV is written last (atomically), so its presence marks a complete dataset.
     Refuses a folder that already holds a dataset unless `overwrite`.
@@ -706,6 +957,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
     if studies < 0:
         raise ValueError(f"studies must be >= 0, got {studies}")
     _check(seed, max(studies - 1, 0), slices)
+    site = site_named(site)
     out = Path(out)
     images = out / TRAIN_DIR
     csv_path = out / TRAIN_CSV
@@ -718,7 +970,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
     images.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    jobs = [(images, seed, i, prevalence, tuple(slices)) for i in range(studies)]
+    jobs = [(images, seed, i, prevalence, tuple(slices), site) for i in range(studies)]
     if workers > 1 and studies > 1:
         with multiprocessing.get_context("spawn").Pool(min(workers, studies)) as pool:
             per_study = pool.map(_write_study, jobs, chunksize=1)
@@ -741,7 +993,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
         "labels": counts,
         "variants": dict(sorted(Counter(study[0][2] for study in per_study if study).items())),
         "seconds": seconds, "slices_per_second": len(rows) / seconds if seconds else 0.0,
-        "out": str(out),
+        "out": str(out), "site": site.name,
     }
 
 
@@ -756,14 +1008,18 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", type=int, nargs=2, default=(24, 36), metavar=("MIN", "MAX"))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes (output does not depend on it)")
+    parser.add_argument("--site", choices=tuple(SITES), default=DEFAULT_SITE,
+                        help="the scanner/patient ranges studies are drawn from (default "
+                             f"{DEFAULT_SITE}; site-d is held out for validation, legacy is the "
+                             "generator before sites)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     args = parser.parse_args(argv)
     try:
         s = generate(args.out, args.studies, args.seed, args.prevalence, tuple(args.slices),
-                     args.workers, args.overwrite)
+                     args.workers, args.overwrite, args.site)
     except (ValueError, FileExistsError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"synthetic: {s['studies']} studies, {s['slices']} slices, positive slice fraction "
+    print(f"synthetic: {s['studies']} studies of site {s['site']}, {s['slices']} slices, positive slice fraction "
           f"{s['positive_fraction']:.3f}, {s['slices_per_second']:.1f} slices/s -> {s['out']}")
     return 0
 

@@ -22,8 +22,8 @@ import numpy as np
 from ich.labels import LABELS, WEIGHT_VECTOR
 from training import evaluate, studies
 from training.config import TrainConfig, steps_per_epoch, use_cache
-from training.data import (Decoder, Slices, dataset, positive_odds_ratio, read_trainset, slice_headers,
-                           split)
+from training.data import (DataError, Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
+                           read_trainset, slice_headers, split)
 from training.studies import StudySet
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class MyDeepModel:
                  learning_rate=3e-4, num_epochs=3, decay_rate=0.8, decay_steps=3,
                  weights=None, verbose=1, *, bn_momentum=None, loss="bce",
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
-                 positive_fraction=None, workers=2, cache=False, seed=42):
+                 positive_fraction=None, workers=2, cache=False, seed=42, hu_augment=None):
         from ich.model import build_model
 
         self.engine = engine if isinstance(engine, str) else engine.__name__
@@ -117,6 +117,7 @@ class MyDeepModel:
         self.positive_fraction = positive_fraction
         self.logit_shift = 0.0     # log odds ratio of the training sampler (0: natural sampling)
         self.workers, self.cache, self.seed = workers, cache, seed
+        self.hu_augment = hu_augment       # a training.data.HUAugment, or None
         self.model = build_model(self.engine, self.input_dims[0], self.weights, bn_momentum)
         self.train_decoder = None
         self.validation = None
@@ -141,7 +142,8 @@ class MyDeepModel:
         threadpool_limits(1, user_api="blas")
         self.logit_shift = math.log(positive_odds_ratio(train_df, self.positive_fraction))
         self.init_output_bias(train_df.prevalence(), self.logit_shift)
-        self.train_decoder = Decoder(train_df.paths, self.input_dims[0], cache=self.cache)
+        self.train_decoder = Decoder(train_df.paths, self.input_dims[0], cache=self.cache,
+                                     augment=self.hu_augment, seed=self.seed)
         train = dataset(train_df, self.train_decoder, self.batch_size, training=True,
                         seed=self.seed, augment=self.augment, workers=self.workers,
                         positive_fraction=self.positive_fraction)
@@ -318,22 +320,61 @@ def prepare_data(config: TrainConfig) -> tuple[Path, dict]:
     """The RSNA-layout folder to train on, generating phantoms first when asked."""
     if config.data is not None:
         return Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
+    lo, hi = config.synthetic_slices
+    folder = Path(config.synthetic_dir or f"data/synthetic/seed{config.seed}-studies"
+                  f"{config.synthetic_studies}-slices{lo}-{hi}-{config.synthetic_site}")
+    _phantoms(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
+              config.workers)
+    return folder, {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
+                    "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site}
+
+
+#: The held-out site's phantoms use their own seed: same-seed studies share UIDs and anatomy.
+HELDOUT_SITE, HELDOUT_SEED_OFFSET = "site-d", 7919
+
+
+def heldout_sets(config: TrainConfig) -> dict[str, Path]:
+    """Name → RSNA-layout folder of every held-out site: `--heldout` folders and, for phantoms,
+    `site_studies` studies of site-d (ranges the training data never had)."""
+    sets = {Path(d).name: Path(d) for d in config.heldout}
+    if config.synthetic_studies is not None and config.site_studies:
+        lo, hi = config.synthetic_slices
+        seed = config.seed + HELDOUT_SEED_OFFSET
+        root = Path(config.synthetic_dir).parent if config.synthetic_dir else Path("data/synthetic")
+        folder = root / f"seed{seed}-studies{config.site_studies}-slices{lo}-{hi}-{HELDOUT_SITE}"
+        _phantoms(folder, config.site_studies, seed, (lo, hi), HELDOUT_SITE, config.workers)
+        sets[HELDOUT_SITE] = folder
+    return sets
+
+
+def _phantoms(folder: Path, studies: int, seed: int, slices, site: str, workers: int) -> None:
     from training import synthetic
 
-    lo, hi = config.synthetic_slices
-    folder = Path(config.synthetic_dir or
-                  f"data/synthetic/seed{config.seed}-studies{config.synthetic_studies}-slices{lo}-{hi}")
-    described = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
-                 "seed": config.seed, "slices": [lo, hi]}
     if (folder / "stage_2_train.csv").is_file():
         log.info("reusing the phantom dataset in %s", folder)
-        return folder, described
-    log.info("generating %d phantom studies in %s", config.synthetic_studies, folder)
-    summary = synthetic.generate(folder, config.synthetic_studies, config.seed,
-                                 slices=(lo, hi), workers=config.workers)
+        return
+    log.info("generating %d phantom studies of site %s in %s", studies, site, folder)
+    summary = synthetic.generate(folder, studies, seed, slices=slices, workers=workers, site=site)
     log.info("phantoms: %d slices, positive fraction %.3f in %.0f s", summary["slices"],
              summary["positive_fraction"], summary["seconds"])
-    return folder, described
+
+
+def score_heldout(deep: "MyDeepModel", config: TrainConfig, slice_thresholds, rule) -> dict:
+    """The final model's figures on every held-out site, each on its own (it chose nothing)."""
+    results = {}
+    for name, folder in heldout_sets(config).items():
+        slices = read_trainset(folder)
+        decoder = Decoder(slices.paths, config.input_size)
+        rows, p = deep.predict_rows(slices, decoder)
+        if len(rows) == 0:
+            raise DataError(f"no decodable images in held-out {folder}")
+        y = slices.labels[rows]
+        figures = evaluate.figures(y, p, slice_headers(slices.paths[rows]), slice_thresholds, rule)
+        results[name] = {"data": str(folder), **figures, "decode": decoder.report()}
+        study = figures["study"]
+        log.info("held-out %s: %d studies, study AUC %s, recall %s, specificity %s", name,
+                 study["studies"], study["auc"], study["recall"], study["specificity"])
+    return results
 
 
 def run(config: TrainConfig) -> Path:
@@ -361,7 +402,8 @@ def run(config: TrainConfig) -> Path:
         loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train)),
         augment=config.augment, bn_recalibrate=config.bn_recalibrate,
         validate_from=config.validate_from, positive_fraction=config.positive_fraction,
-        workers=config.workers, cache=use_cache(config, len(train)), seed=config.seed)
+        workers=config.workers, cache=use_cache(config, len(train)), seed=config.seed,
+        hu_augment=hu_augment(config.hu_augment))
     log.info("%d epochs x %d steps of %d, cache %s", config.epochs, deep.steps_per_epoch or
              math.ceil(len(train) / config.batch_size), config.batch_size, deep.cache)
     history = deep.fit_model(train, calib).history
@@ -391,7 +433,9 @@ def run(config: TrainConfig) -> Path:
                                "platt": {label: {"a": a, "b": b} for label, (a, b) in platt.items()},
                                "study": studies.study_metrics(calib_studies, rule),
                                "rules": candidates},
-               "best_epoch": v.best_epoch, "seconds": round(time.perf_counter() - started, 1)}
+               "best_epoch": v.best_epoch}
+    results["heldout"] = score_heldout(deep, config, slice_thresholds, rule)
+    results["seconds"] = round(time.perf_counter() - started, 1)
     quality = evaluate.verdict(results)   # did it learn? (on test: it chose nothing)
     card = ModelCard(
         version=config.version or default_version(config.engine), engine=config.engine,

@@ -28,9 +28,11 @@ SECRET = "e2e-secret"
 
 
 def write_study(folder: Path, subtypes: tuple[str, ...], index: int) -> tuple[str, list, set[str]]:
-    """A phantom study as files; returns (study UID, slices, patient identifiers to scan for)."""
+    """A phantom study as files; returns (study UID, slices, patient identifiers to scan for).
+    Legacy site: the hand-weighted blood detector would also see calcifications as blood."""
     folder.mkdir(parents=True)
-    slices = make_study(11, index, slices=(10, 12), subtypes=subtypes, variant="default")
+    slices = make_study(11, index, slices=(10, 12), subtypes=subtypes, variant="default",
+                        site="legacy")
     for s in slices:
         (folder / f"{s.image_id}.dcm").write_bytes(to_bytes(s.dataset))
     ds = slices[0].dataset
@@ -43,9 +45,10 @@ def write_noisy_normal(folder: Path, index: int) -> tuple[str, list, int]:
     artefact the model scores far above the slice threshold. Returns (study UID, slices, the
     noisy slice's instance number)."""
     folder.mkdir(parents=True)
-    bleeding = make_study(11, index, slices=(10, 12), subtypes=("intraparenchymal",), variant="default")
+    bleeding = make_study(11, index, slices=(10, 12), subtypes=("intraparenchymal",), variant="default",
+                          site="legacy")
     normal = make_study(11, index, slices=(10, 12), subtypes=("intraparenchymal",), variant="default",
-                        bleeds=False)
+                        site="legacy", bleeds=False)
     k = next(i for i, s in enumerate(bleeding) if s.labels["any"])
     normal[k].dataset.PixelData = bleeding[k].dataset.PixelData
     study, series = generate_uid(), generate_uid()

@@ -95,6 +95,65 @@ def test_augmentation_keeps_shape_range_and_changes_images(phantoms):
     assert not np.allclose(np.sort(plain.ravel()), np.sort(augmented.ravel()))
 
 
+def test_decoder_without_augmentation_is_exactly_what_the_worker_sees(phantoms):
+    """Train/serve parity: the training decoder (cached or not) returns `load_slice`'s image."""
+    from ich.imaging import load_slice
+
+    root, broken = phantoms
+    ts = data.read_trainset(root)
+    path = next(p for i, p in zip(ts.ids, ts.paths) if i not in broken)
+    index = list(ts.paths).index(path)
+    for decoder in (data.Decoder(ts.paths, 75), data.Decoder(ts.paths, 75, cache=True)):
+        for _ in range(2):
+            image, ok = decoder(index)
+            assert ok and np.array_equal(image, load_slice(path, 75))
+
+
+def test_hu_augmentation_acts_in_hu_before_windowing_and_never_touches_the_cache(phantoms):
+    from ich.imaging import load_hu, windows
+
+    root, broken = phantoms
+    ts = data.read_trainset(root)
+    index = next(i for i, name in enumerate(ts.ids) if name not in broken)
+    hu = load_hu(ts.paths[index], 75)
+    rng = np.random.default_rng(0)
+    # calibration alone is an affine map of HU: a least-squares fit recovers it exactly
+    calibration = data.HUAugment(("calibration",))
+    fits = []
+    for _ in range(20):
+        out = calibration(hu, rng)
+        slope, intercept = np.polyfit(hu.ravel(), out.ravel(), 1)
+        assert np.allclose(out, slope * hu + intercept, atol=1e-2)
+        fits.append((slope, intercept))
+    slopes, intercepts = np.array(fits).T
+    assert 0.97 <= slopes.min() and slopes.max() <= 1.03 and np.abs(intercepts).max() <= 8.01
+    assert (np.abs(slopes - 1) > 1e-6).sum() >= 4      # applied to about half the slices
+    # noise alone: zero-mean residual of SD 1-6 HU when applied
+    noise = data.HUAugment(("noise",))
+    sds = [float((noise(hu, rng) - hu).std()) for _ in range(30)]
+    applied = [sd for sd in sds if sd > 0]
+    assert 5 <= len(applied) <= 25 and all(0.9 <= sd <= 6.5 for sd in applied)
+    # the decoder's cached HU is never modified, and each read differs
+    decoder = data.Decoder(ts.paths, 75, cache=True, augment=data.HUAugment(), seed=1)
+    reads = [decoder(index)[0] for _ in range(8)]
+    assert np.array_equal(decoder._images[index], hu)
+    assert all(r.shape == (75, 75, 3) and 0 <= r.min() and r.max() <= 1 for r in reads)
+    assert len({r.tobytes() for r in reads}) >= 4
+    assert np.array_equal(windows(hu), data.Decoder(ts.paths, 75)(index)[0])
+
+
+def test_hu_augment_names():
+    assert data.hu_augment("none") is None and data.hu_augment("") is None
+    assert data.hu_augment("all").ops == data.HU_AUGMENTS
+    assert data.hu_augment("noise, kernel").ops == ("noise", "kernel")
+    with pytest.raises(ValueError, match="unknown HU augmentations"):
+        data.hu_augment("noise,gamma")
+    with pytest.raises(config.ConfigError, match="--hu-augment"):
+        config.load(["--data", "d", "--hu-augment", "gamma"])
+    assert config.load(["--data", "d"]).hu_augment == "all"
+    assert config.load(["--data", "d", "--recipe", "reference"]).hu_augment == "none"
+
+
 def test_test_fold_matches_reference_and_study_split_keeps_studies_apart(phantoms):
     from sklearn.model_selection import ShuffleSplit
 
@@ -172,6 +231,10 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
         config.load(["--data", "d", "--recipe", "fast"])
     with pytest.raises(config.ConfigError, match="study rule"):
         config.load(["--data", "d", "--study-rule", "median"])
+    with pytest.raises(config.ConfigError, match="--synthetic-site"):
+        config.load(["--synthetic-studies", "9", "--synthetic-site", "mars"])
+    sites = config.load(["--synthetic-studies", "9", "--heldout", "a", "--heldout", "b"])
+    assert (sites.synthetic_site, sites.site_studies, sites.heldout) == ("randomised", 60, ["a", "b"])
 
 
 def test_positive_fraction_oversamples_bleeding_slices(phantoms):

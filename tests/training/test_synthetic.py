@@ -128,8 +128,10 @@ STUDIES = [  # (index, variant, forced subtypes): every subtype in several encod
 
 @pytest.mark.parametrize("index,variant,subtypes", STUDIES)
 def test_labels_agree_with_where_bleeds_were_drawn(index, variant, subtypes):
-    bloody = make_study(7, index, slices=SMALL, variant=variant, subtypes=subtypes)
-    clean = make_study(7, index, slices=SMALL, variant=variant, subtypes=subtypes, bleeds=False)
+    """At the legacy site (no kernel, no motion) blood changes exactly the labelled pixels."""
+    bloody = make_study(7, index, slices=SMALL, variant=variant, subtypes=subtypes, site="legacy")
+    clean = make_study(7, index, slices=SMALL, variant=variant, subtypes=subtypes, bleeds=False,
+                       site="legacy")
     minimum = np.ceil(synthetic.MIN_BLEED_PIXELS_512 * (bloody[0].dataset.Rows / 512) ** 2)
     per_subtype = defaultdict(list)
     for b, c in zip(bloody, clean, strict=True):
@@ -163,7 +165,7 @@ def test_bleed_free_render_is_identical_for_negative_studies():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hu_is_plausible_in_every_variant(variant):
-    study = make_study(5, 2, slices=SMALL, variant=variant, subtypes=())
+    study = make_study(5, 2, slices=SMALL, variant=variant, subtypes=(), site="legacy")
     assert {x.dataset.SeriesDescription for x in study} == {f"PHANTOM {variant}"}
     middle = hu(study[len(study) // 2].dataset)
     inside = middle[~np.isnan(middle)]
@@ -201,7 +203,8 @@ def test_every_variant_appears_with_its_encoding(files):
                float(ds.RescaleIntercept))
         assert got == expect[variant], variant
         assert ds.HighBit == ds.BitsStored - 1 and ds.BitsAllocated == 16
-        assert float(ds.PixelSpacing[0]) * ds.Rows == pytest.approx(230.4)
+        fov = synthetic.SITES[synthetic.DEFAULT_SITE].fov_mm
+        assert fov[0] - 0.01 <= float(ds.PixelSpacing[0]) * ds.Rows <= fov[1] + 0.01
         assert ("PixelPaddingValue" in ds) == (variant == "padded")
     padded = seen["padded"].pixel_array
     assert padded[0, 0] == seen["padded"].PixelPaddingValue == -2000
@@ -235,7 +238,8 @@ def test_positions_ascend_with_instance_number(files):
         assert [ds.InstanceNumber for ds in slices] == list(range(1, len(slices) + 1))
         assert SMALL[0] <= len(slices) <= SMALL[1]
         z = np.array([float(ds.ImagePositionPatient[2]) for ds in slices])
-        assert np.allclose(np.diff(z), synthetic.SLICE_SPACING_MM)
+        thickness = {float(ds.SliceThickness) for ds in slices}
+        assert len(thickness) == 1 and np.allclose(np.diff(z), thickness.pop())
         assert all(list(map(float, ds.ImageOrientationPatient)) == [1, 0, 0, 0, 1, 0]
                    for ds in slices)
 
@@ -285,10 +289,124 @@ def test_cli_writes_a_dataset_and_refuses_to_mix_into_one(tmp_path, capsys):
             "--workers", "1"]
     assert synthetic.main(argv) == 0
     line = capsys.readouterr().out.strip()
-    assert re.fullmatch(r"synthetic: 2 studies, \d+ slices, positive slice fraction [\d.]+, "
+    assert re.fullmatch(r"synthetic: 2 studies of site randomised, \d+ slices, positive slice fraction [\d.]+, "
                         r"[\d.]+ slices/s -> .+", line)
     assert (tmp_path / "stage_2_train.csv").exists()
     with pytest.raises(SystemExit) as exit_info:
         synthetic.main(argv)
     assert exit_info.value.code == 2
     assert synthetic.main([*argv, "--overwrite"]) == 0
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+def test_legacy_site_is_the_generator_before_sites_byte_for_byte():
+    """Datasets written before sites existed can be regenerated exactly (digest recorded from
+    the generator of commit fc1ebac)."""
+    digest = hashlib.sha256()
+    for index in range(3):
+        for sl in make_study(3, index, slices=(4, 6), site="legacy"):
+            digest.update(to_bytes(sl.dataset))
+    assert digest.hexdigest() == LEGACY_DIGEST
+
+
+LEGACY_DIGEST = "ce2b7c50beeeca84b8d2361634b71123f2a0d7229eb28a24012d43897146a48c"
+
+
+@pytest.mark.parametrize("name", ["randomised", "site-d"])
+def test_each_study_draws_inside_its_sites_ranges(name):
+    site = synthetic.SITES[name]
+    draws = [synthetic._acquisition(17, i, site) for i in range(300)]
+    for axis in ("head_scale", "tilt", "fov_mm", "noise_scale", "noise_grain", "kernel",
+                 "hu_offset", "cupping", "atrophy", "bleed_scale"):
+        lo, hi = getattr(site, axis)
+        values = np.array([getattr(d, axis) for d in draws])
+        assert lo <= values.min() and values.max() <= hi, axis
+        assert values.max() - values.min() > 0.8 * (hi - lo), f"{axis} does not span its range"
+    assert {d.slice_mm for d in draws} == set(site.slice_mm)
+    share = np.mean([bool(d.calcifications) for d in draws])
+    assert 1 - (1 - site.calcification) ** 4 - 0.1 < share < 1 - (1 - site.calcification) ** 4 + 0.1
+    assert 0 < np.mean([bool(d.vessel) for d in draws]) < 0.5
+
+
+def test_site_d_lies_outside_the_training_ranges_on_texture_kernel_and_head_size():
+    """The held-out site must be a site the default training data never had."""
+    train, held = synthetic.SITES[synthetic.DEFAULT_SITE], synthetic.SITES["site-d"]
+    for axis in ("noise_grain", "kernel", "head_scale"):
+        (a_lo, a_hi), (b_lo, b_hi) = getattr(train, axis), getattr(held, axis)
+        assert b_lo > a_hi or b_hi < a_lo, axis
+
+
+def test_randomised_labels_still_match_blood_and_blood_stays_local():
+    """With kernels, motion and artefacts, blood changes the labelled pixels and their near
+    neighbours only, and every labelled slice has at least the label's minimum of blood."""
+    from scipy.ndimage import binary_dilation
+
+    checked = 0
+    for index in range(6):
+        bloody = make_study(23, index, slices=SMALL, subtypes=("subdural", "intraparenchymal"),
+                            variant="default", site="randomised")
+        clean = make_study(23, index, slices=SMALL, subtypes=("subdural", "intraparenchymal"),
+                           variant="default", site="randomised", bleeds=False)
+        minimum = synthetic.MIN_BLEED_PIXELS_512
+        for b, c in zip(bloody, clean, strict=True):
+            assert not any(c.labels.values())
+            changed = b.dataset.pixel_array != c.dataset.pixel_array
+            if not b.labels[ANY]:
+                assert not changed.any()
+                continue
+            assert all(b.labels[s] == int(b.bleed_pixels.get(s, 0) >= minimum) for s in SUBTYPES)
+            near = binary_dilation(b.bleed_mask, iterations=12)
+            assert not (changed & ~near).any(), "blood changed pixels far from the bleed"
+            assert changed[b.bleed_mask].mean() > 0.5
+            checked += 1
+    assert checked >= 6
+
+
+def _air_patch(study, k=0):
+    return hu(study[k].dataset)[4:60, 4:60]
+
+
+def test_noise_texture_is_correlated_where_the_site_says():
+    white = synthetic.Site("white", noise_scale=(2.0, 2.0))
+    grainy = synthetic.Site("grainy", noise_scale=(2.0, 2.0), noise_grain=(1.8, 1.8))
+
+    def lag1(site):
+        patch = _air_patch(make_study(2, 0, slices=(2, 2), site=site, variant="default", subtypes=()))
+        patch = patch - patch.mean()
+        return float((patch[:, 1:] * patch[:, :-1]).mean() / patch.var())
+
+    assert abs(lag1(white)) < 0.1 and lag1(grainy) > 0.6
+
+
+def test_calcifications_are_bright_unlabelled_findings_inside_the_head():
+    """Hard negatives: the same heads with and without calcifications differ only inside the
+    skull, by calcium-bright pixels, and nothing is labelled."""
+    plain = synthetic.Site("plain")
+    calcified = synthetic.Site("calcified", calcification=1.0)
+    differs = 0
+    for index in range(3):
+        a = make_study(31, index, slices=(12, 14), site=plain, variant="default", subtypes=())
+        b = make_study(31, index, slices=(12, 14), site=calcified, variant="default", subtypes=())
+        for x, y in zip(a, b, strict=True):
+            assert not any(y.labels.values())
+            before, after = hu(x.dataset), hu(y.dataset)
+            changed = before != after
+            if changed.any():
+                differs += 1
+                assert after[changed].min() >= 90 - 30, "calcium (>= 90 HU) plus noise"
+                assert before[changed].max() < 100, "drawn into brain or CSF, not bone or air"
+    assert differs >= 3
+
+
+def test_cli_writes_the_site_it_was_asked_for(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--studies", "1", "--seed", "4", "--slices", "2", "2",
+            "--workers", "1", "--site", "site-d"]
+    assert synthetic.main(argv) == 0
+    assert "of site site-d" in capsys.readouterr().out
+    for path in (tmp_path / "stage_2_train").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        assert ds.InstitutionName == "ICH Watch phantom site site-d" and ds.ConvolutionKernel == "SHARP"
+    with pytest.raises(ValueError, match="unknown site"):
+        make_study(1, 0, slices=(2, 2), site="nowhere")

@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     (root / "run.toml").write_text("batch_size = 8\nepochs = 4\ninput_size = 75\nverbose = 0\n")
     argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
             "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
-            "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3",
+            "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3", "--site-studies", "3",
             "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed"]
     assert main(argv) == 0   # two steps learn nothing: --allow-failed exports and promotes it
     return {"root": root, "phantoms": phantoms, "broken": broken.stem,
@@ -73,6 +73,25 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
     assert card.verdict["loss_ratio"] == pytest.approx(m["weighted_log_loss"] / m["prevalence_log_loss"], abs=1e-4)
 
 
+def test_held_out_site_is_generated_apart_and_reported_on_its_own(run):
+    """Phantoms of site-d (ranges the training data never had), with their own seed, scored by
+    the final model under the card's rule: the external figures, never pooled with test."""
+    import pydicom
+
+    card = ModelCard.read(run["artifact"])
+    site = card.metrics["heldout"]["site-d"]
+    folder = run["root"] / "seed7922-studies3-slices8-12-site-d"
+    assert site["data"] == str(folder) and card.data["site"] == "randomised"
+    files = sorted((folder / "stage_2_train").glob("*.dcm"))
+    assert pydicom.dcmread(files[0]).InstitutionName == "ICH Watch phantom site site-d"
+    assert site["images"] == len(files) and site["study"]["studies"] == 3
+    assert site["study"]["rule"] == card.study_rule
+    train_studies = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
+                     for f in (run["phantoms"] / "stage_2_train").glob("*.dcm")}
+    assert not train_studies & {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}
+    assert {"weighted_log_loss", "per_label", "alerting_studies"} <= set(site)
+
+
 def test_unreadable_slice_was_skipped_and_reported(run):
     data = ModelCard.read(run["artifact"]).data
     parts = ("train", "calibration", "test")
@@ -105,9 +124,10 @@ def test_resolved_config_history_and_plots_are_saved(run):
 
 
 def test_evaluate_cli_prints_metrics_json(run, tmp_path):
+    site = run["root"] / "seed7922-studies3-slices8-12-site-d"
     proc = subprocess.run(
         [sys.executable, "-m", "training.evaluate", "--model", str(run["root"] / "models" / "current"),
-         "--data", str(run["phantoms"]), "--plots", str(tmp_path)],
+         "--data", str(run["phantoms"]), "--plots", str(tmp_path), "--heldout", str(site)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -125,6 +145,10 @@ def test_evaluate_cli_prints_metrics_json(run, tmp_path):
     assert study["tp"] + study["fn"] == study["positive_studies"]
     for plot in ("precision_recall.png", "study_curves.png"):
         assert (tmp_path / plot).read_bytes()[:8] == PNG
+    held = result["heldout"][site.name]       # the same figures, on their own, as training's
+    assert held["study"] == card.metrics["heldout"]["site-d"]["study"]
+    assert held["images"] == card.metrics["heldout"]["site-d"]["images"]
+    assert f"verdict on {site}" in proc.stderr
 
 
 def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path, capsys):
