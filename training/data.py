@@ -250,10 +250,10 @@ class HUAugment:
     happens (after windowing, a 6 HU calibration error is a brightness change the clip hides
     in one window and not another). Each op runs on half of the slices:
 
-    - `calibration`: HU x U(0.97, 1.03) + U(-8, 8) (water drifts a few HU between scanners);
+    - `calibration`: HU x U(0.98, 1.02) + U(-4, 4) (water drifts a few HU between scanners);
     - `kernel`: Gaussian blur sigma U(0.3, 1.0) px, or unsharp masking of gain U(0.2, 0.8)
       (soft to sharp reconstruction kernels);
-    - `noise`: Gaussian noise of SD U(1, 6) HU at the input size, white or correlated over
+    - `noise`: Gaussian noise of SD U(0.5, 3) HU at the input size, white or correlated over
       U(0.5, 1.2) px (dose and noise texture).
     """
 
@@ -269,7 +269,7 @@ class HUAugment:
 
         hu = np.array(hu, np.float32)             # never the cached array
         if "calibration" in self.ops and rng.random() < 0.5:
-            hu = hu * np.float32(rng.uniform(0.97, 1.03)) + np.float32(rng.uniform(-8, 8))
+            hu = hu * np.float32(rng.uniform(0.98, 1.02)) + np.float32(rng.uniform(-4, 4))
         if "kernel" in self.ops and rng.random() < 0.5:
             if rng.random() < 0.5:
                 hu = gaussian_filter(hu, rng.uniform(0.3, 1.0), mode="nearest")
@@ -280,7 +280,7 @@ class HUAugment:
             if rng.random() < 0.5:
                 noise = gaussian_filter(noise, rng.uniform(0.5, 1.2), mode="wrap")
                 noise /= max(float(noise.std()), 1e-6)
-            hu = hu + np.float32(rng.uniform(1, 6)) * noise
+            hu = hu + np.float32(rng.uniform(0.5, 3)) * noise
         return hu
 
 

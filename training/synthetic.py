@@ -119,16 +119,16 @@ SITES: dict[str, Site] = {
     "legacy": Site("legacy"),
     "randomised": Site(
         "randomised", head_scale=(0.88, 1.10), tilt=(-0.25, 0.25), fov_mm=(200.0, 260.0),
-        slice_mm=(2.5, 3.0, 5.0), noise_scale=(0.6, 1.8), noise_grain=(0.0, 1.2),
-        kernel=(-1.0, 0.6), hu_offset=(-6.0, 6.0), cupping=(0.0, 10.0), streaks=(0.0, 25.0),
-        motion=0.1, atrophy=(0.0, 1.0), calcification=0.5, dense_vessel=0.15,
-        bleed_shift=(-18.0, 8.0), bleed_scale=(0.5, 1.3), blood_clip=(30.0, 100.0)),
+        slice_mm=(2.5, 3.0, 5.0), noise_scale=(0.6, 1.6), noise_grain=(0.0, 1.2),
+        kernel=(-0.8, 0.6), hu_offset=(-6.0, 6.0), cupping=(0.0, 10.0), streaks=(0.0, 25.0),
+        motion=0.1, atrophy=(0.0, 1.0), calcification=0.35, dense_vessel=0.15,
+        bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0)),
     "site-d": Site(
         "site-d", head_scale=(1.12, 1.22), tilt=(-0.25, 0.25), fov_mm=(240.0, 280.0),
-        slice_mm=(1.25, 2.0), noise_scale=(1.4, 2.2), noise_grain=(1.4, 2.2),
+        slice_mm=(1.25, 2.0), noise_scale=(1.4, 2.0), noise_grain=(1.4, 2.2),
         kernel=(0.7, 1.1), hu_offset=(-6.0, 6.0), cupping=(5.0, 12.0), streaks=(15.0, 35.0),
-        motion=0.1, atrophy=(0.3, 1.0), calcification=0.7, dense_vessel=0.2,
-        bleed_shift=(-18.0, 8.0), bleed_scale=(0.5, 1.3), blood_clip=(30.0, 100.0)),
+        motion=0.1, atrophy=(0.3, 1.0), calcification=0.5, dense_vessel=0.2,
+        bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0)),
 }
 DEFAULT_SITE = "randomised"
 
