@@ -58,6 +58,7 @@ class TrainConfig:
     workers: int = 2                         # parallel DICOM decoders
     cache: bool | None = False               # keep decoded training images in memory; None = auto
     platt: bool = True                       # per-label Platt scaling fitted on calibration
+    context: bool = False                    # also train and measure the slice-context head
     # thresholds and export
     target_recall: float | None = 0.95       # STUDY recall on calibration; None: max rule, any 0.15
     slice_target_recall: float | None = 0.95  # slice-level operating points (reported, not served)
@@ -153,7 +154,7 @@ def steps_per_epoch(config: "TrainConfig", train_images: int) -> int | None:
     """Resolve `steps_per_epoch`: None = one pass per epoch (reference); 0 = auto, at least
     AUTO_MIN_STEPS and about AUTO_PASSES passes over the training images over all epochs (a
     from-scratch network needs a few hundred steps however small the data; a large set gets
-    two passes)."""
+    three passes)."""
     if config.steps_per_epoch != 0:
         return config.steps_per_epoch
     passes = math.ceil(AUTO_PASSES * train_images / (config.batch_size * config.epochs))
@@ -204,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decay-rate", type=float)
     p.add_argument("--decay-steps", type=int, help="epochs per learning-rate decay step")
     p.add_argument("--steps-per-epoch", type=int, help="0 = auto (scratch recipe): >= 60, about "
-                   "two passes over the training images in all; default reference: one pass")
+                   "three passes over the training images in all; default reference: one pass")
     p.add_argument("--weights", help="none | imagenet | path to a weights file")
     p.add_argument("--bn-momentum", type=float, help="BatchNorm momentum (Keras default 0.99)")
     p.add_argument("--bn-recalibrate", type=int, metavar="BATCHES",
@@ -236,6 +237,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study-rule", metavar="RULE",
                    help="auto (measure every rule, keep the best on calibration) | max | "
                         "consecutive-K | topk-K (default auto)")
+    p.add_argument("--context", action=argparse.BooleanOptionalAction,
+                   help="also train the slice-context head (training.context) on the slice model's "
+                        "features and report its study figures beside the slice model's under "
+                        "metrics.context (context.keras in the artifact; workers do not serve it)")
     p.add_argument("--out", metavar="DIR", help="artifact root (default models)")
     p.add_argument("--version", help="artifact version (default ich-<engine>-<UTC time>)")
     p.add_argument("--promote", action="store_true", help="point <out>/current at the new version")

@@ -144,3 +144,84 @@ def fit_head(train: Sequences, calib: Sequences, epochs: int = 12, lr: float = 1
             best, best_loss = head.get_weights(), loss
     head.set_weights(best)
     return head, history
+
+
+def measure(model, parts: dict, input_size: int, target_recall: float | None, candidates,
+            epochs: int = 12, seed: int = 0, workers: int = 2) -> tuple[object, dict]:
+    """Train the head on `parts["train"]`, choose its study rule and thresholds on
+    `parts["calibration"]`, and report study figures on every other part (test, held-out
+    sites), as `training.evaluate.figures` does for the slice model. `parts`: name →
+    (Slices, Headers). Returns (head, the figures for model.json)."""
+    import time
+
+    from training import evaluate, studies
+    from training.data import Decoder
+
+    started = time.perf_counter()
+    seqs, headers = {}, {}
+    for name, (slices, h) in parts.items():
+        rows, p, f = embed(model, slices, Decoder(slices.paths, input_size), workers=workers)
+        headers[name] = h.take(rows)
+        seqs[name] = Sequences(runs(headers[name]), slices.labels[rows], p, f)
+    head, history = fit_head(seqs["train"], seqs["calibration"], epochs=epochs, seed=seed)
+    probs = {name: apply(head, s) for name, s in seqs.items()}
+    calibration = studies.StudySet.build(seqs["calibration"].y, probs["calibration"], headers["calibration"])
+    rule, table = studies.choose_rule(calibration, target_recall, candidates)
+    thresholds = evaluate.choose_thresholds(seqs["calibration"].y, probs["calibration"], 0.95)
+    report = {"rule": rule.describe(), "thresholds": dict(rule.thresholds), "history": history,
+              "calibration_rules": table}
+    for name in parts:
+        if name in ("train", "calibration"):
+            continue
+        figures = evaluate.figures(seqs[name].y, probs[name], headers[name], thresholds, rule)
+        report[name] = {k: figures[k] for k in ("weighted_log_loss", "prevalence_log_loss",
+                                                "images", "per_label", "study")}
+        log.info("context head on %s: study AUC %s, recall %s, specificity %s", name,
+                 figures["study"]["auc"], figures["study"]["recall"], figures["study"]["specificity"])
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return head, report
+
+
+def main(argv=None) -> int:
+    """`python -m training.context --model DIR --data DIR [--heldout DIR ...]`: train and
+    measure the head for an existing artifact, on the same study split its training used."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from ich.model import load_artifact
+    from training.data import read_trainset, slice_headers, split
+    from training.studies import candidates
+
+    p = argparse.ArgumentParser(prog="python -m training.context", description=main.__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, type=Path, help="artifact folder")
+    p.add_argument("--data", required=True, type=Path, help="the RSNA-layout folder it was trained on")
+    p.add_argument("--heldout", type=Path, action="append", default=[], metavar="DIR")
+    p.add_argument("--split", default="study", choices=("study", "slice"))
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--out", type=Path, help="write the JSON report here too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, card = load_artifact(args.model)
+    slices = read_trainset(args.data)
+    headers = slice_headers(slices.paths)
+    train, calib, test = split(slices, args.split, headers.studies)
+    parts = {name: (slices.take(rows), headers.take(rows))
+             for name, rows in (("train", train), ("calibration", calib), ("test", test))}
+    for folder in args.heldout:
+        held = read_trainset(folder)
+        parts[f"heldout:{folder.name}"] = (held, slice_headers(held.paths))
+    _, report = measure(model, parts, card.input_size, args.target_recall, candidates("auto"),
+                        epochs=args.epochs)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

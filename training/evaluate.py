@@ -286,6 +286,17 @@ def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
 def score_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: int = 2,
                  plots: Path | None = None, predictions: Path | None = None) -> dict:
     """Every figure of one RSNA-layout folder under the card's thresholds and rule."""
+    trainset, rows, y, p, headers, decoder = predict_folder(forward, card, data_dir, batch_size, workers)
+    slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
+    if predictions is not None:
+        write_predictions(predictions, {"evaluate": (trainset.take(rows), headers, p)})
+    result = {**figures(y, p, headers, slice_thresholds, card.rule(), plots),
+              "read": trainset.report(), "decode": decoder.report()}
+    return result
+
+
+def predict_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: int = 2):
+    """(trainset, rows, labels, probabilities, headers, decoder) of an RSNA-layout folder."""
     from training.data import Decoder, read_trainset, slice_headers
 
     trainset = read_trainset(data_dir)
@@ -293,14 +304,7 @@ def score_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: i
     rows, p = predict_rows(forward, trainset, decoder, batch_size, workers)
     if len(rows) == 0:
         raise ValueError(f"no decodable images in {data_dir}")
-    y = trainset.labels[rows]
-    headers = slice_headers(trainset.paths[rows])
-    slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
-    if predictions is not None:
-        write_predictions(predictions, {"evaluate": (trainset.take(rows), headers, p)})
-    result = {**figures(y, p, headers, slice_thresholds, card.rule(), plots),
-              "read": trainset.report(), "decode": decoder.report()}
-    return result
+    return trainset, rows, trainset.labels[rows], p, slice_headers(trainset.paths[rows]), decoder
 
 
 def figures(y, p, headers, slice_thresholds: dict, rule, plots: Path | None = None) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ich.labels import LABELS, WEIGHT_VECTOR
-from training import evaluate, studies
+from training import context, evaluate, studies
 from training.config import TrainConfig, steps_per_epoch, use_cache
 from training.data import (DataError, Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
                            read_trainset, slice_headers, split)
@@ -435,6 +435,16 @@ def run(config: TrainConfig) -> Path:
                                "rules": candidates},
                "best_epoch": v.best_epoch}
     results["heldout"] = score_heldout(deep, config, slice_thresholds, rule)
+    head = None
+    if config.context:   # measured beside the slice model; workers do not serve it (yet)
+        parts = {"train": (train, headers.take(train_idx)), "calibration": (calib, headers.take(calib_idx)),
+                 "test": (test, headers.take(test_idx))}
+        for name, folder in heldout_sets(config).items():
+            held = read_trainset(folder)
+            parts[f"heldout:{name}"] = (held, slice_headers(held.paths))
+        head, results["context"] = context.measure(
+            deep.model, parts, config.input_size, config.target_recall,
+            studies.candidates(config.study_rule), seed=config.seed, workers=config.workers)
     results["seconds"] = round(time.perf_counter() - started, 1)
     quality = evaluate.verdict(results)   # did it learn? (on test: it chose nothing)
     card = ModelCard(
@@ -454,6 +464,8 @@ def run(config: TrainConfig) -> Path:
         notes=_notes(config, rule),
         status="ok" if quality["passed"] else "failed", verdict=quality)
     out = save_artifact(deep.model, card, Path(config.out))
+    if head is not None:
+        head.save(out / "context.keras")
     write_extras(out, config, history, test_y, test_p, slice_thresholds)
     evaluate.write_predictions(out / "predictions.csv", {
         "calibration": (calib.take(v.rows), headers.take(calib_idx[v.rows]), v.p),

@@ -314,7 +314,7 @@ def test_legacy_site_is_the_generator_before_sites_byte_for_byte():
 LEGACY_DIGEST = "ce2b7c50beeeca84b8d2361634b71123f2a0d7229eb28a24012d43897146a48c"
 
 
-@pytest.mark.parametrize("name", ["randomised", "site-d"])
+@pytest.mark.parametrize("name", ["randomised", "site-d", "site-e"])
 def test_each_study_draws_inside_its_sites_ranges(name):
     site = synthetic.SITES[name]
     draws = [synthetic._acquisition(17, i, site) for i in range(300)]
@@ -330,10 +330,12 @@ def test_each_study_draws_inside_its_sites_ranges(name):
     assert 0 < np.mean([bool(d.vessel) for d in draws]) < 0.5
 
 
-def test_site_d_lies_outside_the_training_ranges_on_texture_kernel_and_head_size():
-    """The held-out site must be a site the default training data never had."""
-    train, held = synthetic.SITES[synthetic.DEFAULT_SITE], synthetic.SITES["site-d"]
-    for axis in ("noise_grain", "kernel", "head_scale"):
+@pytest.mark.parametrize("name,axes", [("site-d", ("noise_grain", "kernel", "head_scale")),
+                                       ("site-e", ("kernel", "head_scale", "hu_offset", "fov_mm"))])
+def test_held_out_sites_lie_outside_the_training_ranges(name, axes):
+    """A held-out site must be one the default training data never had."""
+    train, held = synthetic.SITES[synthetic.DEFAULT_SITE], synthetic.SITES[name]
+    for axis in axes:
         (a_lo, a_hi), (b_lo, b_hi) = getattr(train, axis), getattr(held, axis)
         assert b_lo > a_hi or b_hi < a_lo, axis
 

@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     (root / "run.toml").write_text("batch_size = 8\nepochs = 4\ninput_size = 75\nverbose = 0\n")
     argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
             "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
-            "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3", "--site-studies", "3",
+            "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3", "--site-studies", "3", "--context",
             "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed"]
     assert main(argv) == 0   # two steps learn nothing: --allow-failed exports and promotes it
     return {"root": root, "phantoms": phantoms, "broken": broken.stem,
@@ -90,6 +90,20 @@ def test_held_out_site_is_generated_apart_and_reported_on_its_own(run):
                      for f in (run["phantoms"] / "stage_2_train").glob("*.dcm")}
     assert not train_studies & {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}
     assert {"weighted_log_loss", "per_label", "alerting_studies"} <= set(site)
+
+
+def test_context_head_is_measured_beside_the_slice_model(run):
+    """--context: the head is trained on the training studies' features, its rule chosen on
+    calibration, and its figures reported on test and on the held-out site, never served."""
+    import keras
+
+    card = ModelCard.read(run["artifact"])
+    ctx = card.metrics["context"]
+    assert ctx["test"]["study"]["studies"] == card.metrics["study"]["studies"]
+    assert ctx["heldout:site-d"]["study"]["studies"] == 3
+    assert ctx["rule"]["name"] in ("max", "consecutive", "topk") and ctx["history"]
+    head = keras.models.load_model(run["artifact"] / "context.keras", compile=False)
+    assert head.output_shape[-1] == len(LABELS)
 
 
 def test_unreadable_slice_was_skipped_and_reported(run):

@@ -1,0 +1,72 @@
+"""`python -m training.calibrate`: a site's own labelled studies re-choose the operating point
+of an unchanged network, written as a new version."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ich.labels import LABELS
+from ich.model import MODEL_FILE, ModelCard
+from tests.modelfactory import blood_detector
+from training import calibrate
+from training.synthetic import make_study, to_bytes
+
+
+def _site(folder, bleeding: int, normal: int):
+    """Legacy phantoms (what the hand-weighted detector sees right): intraparenchymal bleeds
+    and normal studies, in RSNA layout."""
+    images = folder / "stage_2_train"
+    images.mkdir(parents=True)
+    rows = ["ID,Label"]
+    for index in range(bleeding + normal):
+        subtypes = ("intraparenchymal",) if index < bleeding else ()
+        for s in make_study(41, index, slices=(8, 10), subtypes=subtypes, variant="default",
+                            site="legacy"):
+            (images / f"{s.image_id}.dcm").write_bytes(to_bytes(s.dataset))
+            rows += [f"{s.image_id}_{label},{s.labels[label]}" for label in LABELS]
+    (folder / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    """The detector with an `any` threshold that pages on every normal study of this site (its
+    normal studies score ~5e-5), as a model moved to a new scanner does."""
+    root = tmp_path_factory.mktemp("calibrate")
+    model = blood_detector(root / "models")
+    card = ModelCard.read(model)
+    card.thresholds["any"] = 1e-6
+    card.write(model.resolve())
+    return root, model, _site(root / "site", 6, 6)
+
+
+def test_site_calibration_writes_a_new_version_with_local_thresholds(detector, capsys):
+    root, model, site = detector
+    before = ModelCard.read(model)
+    code = calibrate.main(["--model", str(model), "--data", str(site), "--out", str(root / "models"),
+                           "--version", "detector-site", "--promote"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    folder = root / "models" / "detector-site"
+    card = ModelCard.read(folder)
+    assert (folder / MODEL_FILE).read_bytes() == (model.resolve() / MODEL_FILE).read_bytes()
+    assert (root / "models" / "current").resolve() == folder.resolve()
+    site_figures = card.metrics["site_calibration"]
+    assert site_figures["studies"] == 12 and site_figures["positive_studies"] == 6
+    assert site_figures["from_version"] == before.version and card.study_rule == before.study_rule
+    after, was = site_figures["study_after"], site_figures["study_before"]
+    assert (was["tp"], was["fp"]) == (6, 6), "before: every normal study alerted"
+    assert (after["tp"], after["fp"]) == (6, 0), "split-conformal at 0.95 keeps all 6 local bleeds"
+    assert 1e-4 < card.thresholds["any"] < 0.5
+    assert printed["on_calibration_studies"]["study_after"]["tp"] == 6
+    assert "training.calibrate" in card.notes
+
+
+def test_too_few_local_studies_are_refused(detector, tmp_path):
+    _, model, _ = detector
+    small = _site(tmp_path / "small", 2, 3)
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate.main(["--model", str(model), "--data", str(small), "--out", str(tmp_path / "m")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "m").exists()
