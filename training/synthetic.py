@@ -4,6 +4,9 @@ Tests, the demo and CI training need realistic DICOM series whose labels are kno
 real RSNA set (450 GB) is not available here. A study is a stack of axial slices through an
 ellipsoidal head: scalp, skull, grey/white matter, sulci, ventricles and cisterns in plausible
 HU, Gaussian noise, and in positive studies one or two of the five bleed subtypes drawn in 3-D.
+Each study is acquired at a `Site` (SITES): the ranges its head size, scanner (noise, texture,
+kernel, calibration, beam hardening), motion, atrophy, hard-negative findings and bleed density
+and size are drawn from, so a model can be trained on one spread and validated on another.
 
     OUT/stage_2_train/ID_<9 hex>.dcm   one CT Image Storage file per slice
     OUT/stage_2_train.csv              ID,Label / ID_<hex>_<label>,0|1, six rows per slice
