@@ -36,8 +36,8 @@ run: install system-deps
 
 # Sends one synthetic positive and one negative study to the node `make run` started.
 demo: install
-	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --positive --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
-	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --negative --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
+	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --site legacy --positive --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
+	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --site legacy --negative --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
 
 bench: install system-deps
 	$(BIN)/python bench/bench_imaging.py
