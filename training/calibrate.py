@@ -41,7 +41,7 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
 
     model, card = load_artifact(model_dir)
     _, _, y, p, headers, decoder = evaluate.predict_folder(
-        evaluate.compiled_forward(model), card, data_dir, batch_size, workers)
+        evaluate.compiled_forward(model), card.input_size, data_dir, batch_size, workers)
     local = studies.StudySet.build(y, p, headers)
     truth = local.truth()[:, -1]
     positive, normal = int(truth.sum()), int(len(truth) - truth.sum())

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 #: The slice model's output layer; its input is the pooled feature vector.
 OUTPUT_LAYER = "ich"
-EPS = 1e-6
 
 
 def feature_model(model):
@@ -90,8 +89,10 @@ def build_head(dim: int, width: int = 32, dropout: float = 0.3):
 
 
 def logits_of(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
-    return np.log(p / (1 - p)).astype(np.float32)
+    """float32 logits for the head's input (training.evaluate.logit, clipped as it clips)."""
+    from training.evaluate import logit
+
+    return logit(p).astype(np.float32)
 
 
 @dataclass

@@ -286,7 +286,7 @@ def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
 def score_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: int = 2,
                  plots: Path | None = None, predictions: Path | None = None) -> dict:
     """Every figure of one RSNA-layout folder under the card's thresholds and rule."""
-    trainset, rows, y, p, headers, decoder = predict_folder(forward, card, data_dir, batch_size, workers)
+    trainset, rows, y, p, headers, decoder = predict_folder(forward, card.input_size, data_dir, batch_size, workers)
     slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
     if predictions is not None:
         write_predictions(predictions, {"evaluate": (trainset.take(rows), headers, p)})
@@ -295,12 +295,12 @@ def score_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: i
     return result
 
 
-def predict_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: int = 2):
+def predict_folder(forward, input_size: int, data_dir: Path, batch_size: int = 32, workers: int = 2):
     """(trainset, rows, labels, probabilities, headers, decoder) of an RSNA-layout folder."""
     from training.data import Decoder, read_trainset, slice_headers
 
     trainset = read_trainset(data_dir)
-    decoder = Decoder(trainset.paths, card.input_size)
+    decoder = Decoder(trainset.paths, input_size)
     rows, p = predict_rows(forward, trainset, decoder, batch_size, workers)
     if len(rows) == 0:
         raise ValueError(f"no decodable images in {data_dir}")

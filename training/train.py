@@ -22,7 +22,7 @@ import numpy as np
 from ich.labels import LABELS, WEIGHT_VECTOR
 from training import context, evaluate, studies
 from training.config import TrainConfig, steps_per_epoch, use_cache
-from training.data import (DataError, Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
+from training.data import (Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
                            read_trainset, slice_headers, split)
 from training.studies import StudySet
 
@@ -362,14 +362,11 @@ def _phantoms(folder: Path, studies: int, seed: int, slices, site: str, workers:
 def score_heldout(deep: "MyDeepModel", config: TrainConfig, slice_thresholds, rule) -> dict:
     """The final model's figures on every held-out site, each on its own (it chose nothing)."""
     results = {}
+    forward = evaluate.compiled_forward(deep.model)
     for name, folder in heldout_sets(config).items():
-        slices = read_trainset(folder)
-        decoder = Decoder(slices.paths, config.input_size)
-        rows, p = deep.predict_rows(slices, decoder)
-        if len(rows) == 0:
-            raise DataError(f"no decodable images in held-out {folder}")
-        y = slices.labels[rows]
-        figures = evaluate.figures(y, p, slice_headers(slices.paths[rows]), slice_thresholds, rule)
+        _, _, y, p, headers, decoder = evaluate.predict_folder(
+            forward, config.input_size, folder, config.batch_size, config.workers)
+        figures = evaluate.figures(y, p, headers, slice_thresholds, rule)
         results[name] = {"data": str(folder), **figures, "decode": decoder.report()}
         study = figures["study"]
         log.info("held-out %s: %d studies, study AUC %s, recall %s, specificity %s", name,
