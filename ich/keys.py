@@ -14,6 +14,16 @@ ALERTS_QUEUE = "alerts"
 
 #: Alerts whose last delivery attempt failed (a Redis list of JSON records).
 DEAD_LETTERS = f"{PREFIX}:alerts:dead"
+#: The slice ledger (issue 14): every accepted slice's receipt token, scored by the Redis time it
+#: was (re-)queued. Written in the listener's enqueue transaction, removed only in the transaction
+#: that records the slice's result; the reconciler re-queues tokens the broker has lost.
+LEDGER = f"{PREFIX}:ledger"
+#: The score message of each ledger token (a hash), so the reconciler can re-queue it as sent.
+LEDGER_MESSAGES = f"{PREFIX}:ledger:messages"
+#: kombu's Redis transport keeps delivered, unacknowledged messages in this hash (its
+#: `unacked_key`; we set no `global_keyprefix`). The reconciler reads it to see what is in flight.
+KOMBU_UNACKED = "unacked"
+
 #: Studies with unsent summaries, scored by the time of their last slice (a sorted set).
 ACTIVE_STUDIES = f"{PREFIX}:studies:active"
 

@@ -30,13 +30,16 @@ alerts = Counter("ich_alerts", "Alerts raised", ["kind"])
 deliveries = Counter("ich_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
 model_info = Gauge("ich_model_info", "The model version this worker serves", ["version"])
 queue_depth = Gauge("ich_queue_depth", "Slices waiting in the score queue")
+slices_pending = Gauge("ich_slices_pending", "Slices accepted and not yet scored or failed (the ledger)")
+slices_requeued = Counter("ich_slices_requeued",
+                          "Slices the reconciler re-queued: no result and no message in flight")
 
 
-def watch_queue_depth(depth: Callable[[], int]) -> None:
+def watch(gauge: Gauge, read: Callable[[], int]) -> None:
     """Read at scrape time; NaN while Redis is unreachable."""
-    def read() -> float:
+    def value() -> float:
         try:
-            return float(depth())
+            return float(read())
         except Exception:  # a scrape must not fail because Redis is down
             return math.nan
-    queue_depth.set_function(read)
+    gauge.set_function(value)

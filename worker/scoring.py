@@ -95,7 +95,9 @@ class Scorer:
 
     def post_process(self, metas: list[SliceMeta], probabilities: np.ndarray,
                      failed: list[SliceResult]) -> list[str]:
-        """Record every result; return the studies that gained a scored slice."""
+        """Record every result; return the studies of the batch. Failed slices count too: a
+        redelivered copy of a slice recorded just before a kill finds its bytes gone, and its
+        study's first_positive may still be unsent."""
         now = time.time()
         results = [SliceResult(m, dict(zip(LABELS, map(float, p))), scored_at=now)
                    for m, p in zip(metas, probabilities)]
@@ -107,13 +109,12 @@ class Scorer:
         metrics.slices_scored.inc(len(results))
         for r in results:
             metrics.end_to_end.observe(now - r.meta.received_at)
-        return list(dict.fromkeys(r.meta.study_instance_uid for r in results))
+        return list(dict.fromkeys(r.meta.study_instance_uid for r in results + failed))
 
     # --- one batch ---------------------------------------------------------------------------
 
     def score(self, metas: list[SliceMeta]) -> list[str]:
-        """Score and record a batch; returns the studies that gained a scored slice (the
-        caller then asks `due_alert` of each, outside its re-send guard: once results are
+        """Score and record a batch; returns the studies it touched (the caller then asks `due_alert` of each, outside its re-send guard: once results are
         recorded and their bytes dropped, re-sending the batch would only lose them)."""
         started = time.time()
         for m in metas:

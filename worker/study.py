@@ -98,8 +98,9 @@ class StudyStore:
         self._script = None
 
     def record(self, results: list[SliceResult], rule: StudyRule, model_version: str) -> None:
-        """Store a batch of results and drop their slice bytes, in one round trip. A result
-        already recorded for the same receipt (a redelivered message) is kept."""
+        """Store a batch of results, drop their slice bytes and their ledger entries, in one
+        transaction. A result already recorded for the same receipt (a redelivered message) is
+        kept."""
         now = time.time()
         thresholds = dict(rule.thresholds)
         pipe = self.client.pipeline(transaction=True)
@@ -124,6 +125,8 @@ class StudyStore:
             pipe.expire(keys.study_results(m.study_instance_uid), self.ttl_s)
             pipe.zadd(keys.ACTIVE_STUDIES, {m.study_instance_uid: now})
             pipe.delete(keys.slice_bytes(m.token))
+            pipe.zrem(keys.LEDGER, m.token)   # resolved: the reconciler leaves it alone
+            pipe.hdel(keys.LEDGER_MESSAGES, m.token)
         pipe.execute()
 
     def publish_once(self, alert: dict[str, Any], messages: list[bytes],

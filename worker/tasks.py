@@ -3,7 +3,9 @@
 celery-batches trap (DESIGN §4): the whole batch is acknowledged when `score` returns and also
 when it raises, so nothing may escape it unhandled. A batch whose forward pass fails is re-sent
 with the same task ids (bounded attempts) before returning; a slice that cannot be decoded is
-recorded as failed on its own.
+recorded as failed on its own. What the broker loses all the same (a kill in kombu's BRPOP
+window, a re-send Redis refused) stays in the slice ledger, and the alerts process's
+reconciler (`worker.reconcile`) re-queues it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ich.decision import StudyRule
 from ich.queue import DELIVER_TASK, SCORE_TASK, connect, task_message
 from worker import alerts, metrics
 from worker.celery import app, consumed_queues, settings
+from worker.reconcile import Reconciler
 from worker.scoring import Scorer, meta_from_kwargs
 from worker.study import FIRST_POSITIVE, STUDY_SUMMARY, SliceResult, StudyStore
 
@@ -31,6 +34,9 @@ log = logging.getLogger("worker")
 MAX_DEAD_LETTERS = 10_000
 MAX_SCORE_ATTEMPTS = 3
 SWEEP_INTERVAL_S = 0.5
+#: Past the visibility timeout, how long kombu gets to restore a message before the ledger's
+#: reconciler looks for it (kombu sweeps every few seconds; see worker.celery).
+RECONCILE_MARGIN_S = 10
 
 redis_client = connect(settings.redis_url)
 studies = StudyStore(redis_client, settings.result_ttl_s)
@@ -76,16 +82,24 @@ def _resend(requests_: list) -> None:
         if attempt >= MAX_SCORE_ATTEMPTS:
             exhausted.append(meta_from_kwargs(r.kwargs))
             continue
-        app.send_task(SCORE_TASK, kwargs=r.kwargs, task_id=r.id, queue=keys.SCORE_QUEUE,
-                      retries=attempt, countdown=attempt)
-    if exhausted:
-        now = time.time()
-        studies.record([SliceResult(m, error="inference_error", scored_at=now) for m in exhausted],
-                       _rule_for_failures(), _version_for_failures())
-        metrics.slices_failed.labels("inference_error").inc(len(exhausted))
-        for m in exhausted:
-            log.error("slice %s of study %s failed after %d attempts: recorded as inference_error",
-                      m.sop_instance_uid, m.study_instance_uid, MAX_SCORE_ATTEMPTS)
+        try:
+            app.send_task(SCORE_TASK, kwargs=r.kwargs, task_id=r.id, queue=keys.SCORE_QUEUE,
+                          retries=attempt, countdown=attempt)
+        except Exception:  # Redis full or gone: the ledger still holds it (issue 14 item 2)
+            log.exception("could not re-send slice %s; the reconciler will re-queue it", r.id)
+    if not exhausted:
+        return
+    try:
+        studies.record([SliceResult(m, error="inference_error", scored_at=time.time())
+                        for m in exhausted], _rule_for_failures(), _version_for_failures())
+    except Exception:  # as above: unrecorded, so still in the ledger
+        log.exception("could not record %d failed slice(s); the reconciler will re-queue them",
+                      len(exhausted))
+        return
+    metrics.slices_failed.labels("inference_error").inc(len(exhausted))
+    for m in exhausted:
+        log.error("slice %s of study %s failed after %d attempts: recorded as inference_error",
+                  m.sop_instance_uid, m.study_instance_uid, MAX_SCORE_ATTEMPTS)
 
 
 def _rule_for_failures() -> StudyRule:
@@ -170,12 +184,27 @@ def sweep_once(now: float | None = None) -> int:
     return sent
 
 
+def reconcile_once(reconciler: Reconciler) -> int:
+    """Re-queue the slices the broker lost (`worker.reconcile`); returns how many."""
+    requeued = reconciler.sweep()
+    metrics.slices_requeued.inc(len(requeued))
+    return len(requeued)
+
+
 def _sweep_forever(stop: threading.Event) -> None:
+    """Summaries every SWEEP_INTERVAL_S; the ledger every few seconds. A token is looked at once
+    it is older than the visibility timeout (kombu's own redelivery) plus a margin."""
+    reconciler = Reconciler(redis_client, settings.visibility_timeout_s + RECONCILE_MARGIN_S)
+    every = max(1.0, min(10.0, settings.visibility_timeout_s / 4))
+    next_reconcile = time.monotonic() + every
     while not stop.wait(SWEEP_INTERVAL_S):
         try:
             sweep_once()
+            if time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + every
+                reconcile_once(reconciler)
         except Exception:  # Redis down: keep the thread, try again next tick
-            log.exception("summary sweep failed")
+            log.exception("summary or ledger sweep failed")
 
 
 _stop_sweeper = threading.Event()
@@ -190,7 +219,8 @@ def _on_ready(sender=None, **_) -> None:
     if port:
         start_http_server(port)
         log.info("metrics on :%d/metrics", port)
-    metrics.watch_queue_depth(lambda: redis_client.llen(keys.SCORE_QUEUE))
+    metrics.watch(metrics.queue_depth, lambda: redis_client.llen(keys.SCORE_QUEUE))
+    metrics.watch(metrics.slices_pending, lambda: redis_client.zcard(keys.LEDGER))
     if scoring:
         scorer()
     if delivering and settings.webhook_urls and not settings.webhook_secret:

@@ -3,6 +3,8 @@ sender, a webhook consumer down for a while, Redis behind an ACL user. Each test
 figures it measured (run with -s to see them)."""
 from __future__ import annotations
 
+import base64
+import json
 import signal
 import threading
 import time
@@ -76,6 +78,27 @@ def test_worker_killed_mid_batch_loses_nothing_and_alerts_once(make_pipeline):
         assert len(p.alerts_for(study, "first_positive")) == 1
     print(f"\nworker kill: {scored_at_kill}/360 scored at SIGKILL; all 360 scored {recovery:.1f} s "
           f"after it (visibility timeout 5 s); first_positive per study: 1, 1, 1")
+
+
+def test_a_slice_lost_in_kombus_brpop_window_is_scored_and_alerts(make_pipeline):
+    """Issue 14 item 4: kombu's Redis transport BRPOPs a message before it records it as
+    unacknowledged; a worker killed while the reply waits in its socket (with the solo pool, for
+    a whole forward pass) takes the message with it. Here a consumer pops the study's only
+    positive slice and dies. The ledger's reconciler (alerts process) must re-queue it."""
+    p = make_pipeline(ICH_VISIBILITY_TIMEOUT_S="5", ICH_STUDY_QUIET_S="3600")
+    p.scoring.stop()
+    study = p.send_study(6, positive_at={0})
+    popped = p.client.brpop(keys.SCORE_QUEUE, 5)[1]   # the first slice: the positive one
+    args, kwargs, _ = json.loads(base64.b64decode(json.loads(popped)["body"]))
+    assert kwargs["instance_number"] == 1
+    p.scoring.start(wait_port=p.score_metrics, timeout=120)
+    lost = time.monotonic()
+    wait_until(lambda: len(p.results(study)) == 5, 60, "the other slices were not scored")
+    wait_until(lambda: len(p.results(study)) == 6, 60, "the popped slice was never re-queued")
+    p.receiver.wait_for(lambda: p.alerts_for(study, "first_positive"), timeout=30)
+    assert p.metrics("alerts")["ich_slices_requeued_total"] == 1
+    print(f"\nBRPOP window: the popped slice was scored {time.monotonic() - lost:.1f} s after "
+          "the worker started (visibility timeout 5 s + margin 10 s + two looks)")
 
 
 def test_redis_restart_under_a_sender(make_pipeline, tmp_path):

@@ -81,6 +81,30 @@ def test_a_batch_that_keeps_failing_is_recorded_as_failed_never_dropped(tasks, r
     assert summary["model_version"] == tasks.scorer().version
 
 
+def test_a_resend_redis_refuses_escapes_nothing_and_the_ledger_requeues_it(tasks, redis_server,
+                                                                       monkeypatch):
+    """Issue 14 item 2: the forward pass fails and Redis then refuses the re-send (maxmemory):
+    `score` must not raise, and the unscored slices stay in the ledger, from which the
+    reconciler re-queues them with their own ids once Redis takes writes again."""
+    from worker.reconcile import Reconciler
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(keys.LEDGER, keys.LEDGER_MESSAGES)   # earlier tests' slices
+    batch = requests_for(client, 3)
+    monkeypatch.setattr(tasks.scorer(), "predict", lambda images: 1 / 0)
+    client.config_set("maxmemory", "1")   # every write is refused: OOM command not allowed
+    try:
+        tasks.score(batch)
+    finally:
+        client.config_set("maxmemory", "0")
+    assert requeued(client) == []
+    reconciler = Reconciler(client, older_than_s=0)
+    reconciler.sweep()
+    assert sorted(reconciler.sweep()) == sorted(r.id for r in batch)
+    assert sorted(h["id"] for h in requeued(client)) == sorted(r.id for r in batch)
+    client.delete(keys.SCORE_QUEUE, keys.LEDGER, keys.LEDGER_MESSAGES)
+
+
 def test_the_same_batch_scores_once_the_model_works(tasks, redis_server):
     client = redis.Redis.from_url(redis_server.url)
     batch = requests_for(client, 2)
