@@ -4,7 +4,8 @@ Sends the same 512×512 CT phantom slices with DCMTK `storescu` (one association
 on, as DESIGN §6 measured) to (a) DCMTK `storescp` writing files to disk, (b) a bare pynetdicom
 SCP whose handler only returns Success (the ceiling of any pynetdicom listener; same socket
 settings as ours) and (c) our listener queueing into a private Redis, then (d) from 4 concurrent
-`storescu` to one listener process and (e) to two processes sharing the port (SO_REUSEPORT).
+`storescu` to one listener process and (e) to `python -m dicom_listener --processes 2` (two
+processes sharing the port with SO_REUSEPORT, one /metrics).
 Prints instances/s, the ratios, the handler p99 from the listener's own histogram, and its
 peak RSS.
 
@@ -115,9 +116,9 @@ def main() -> None:
         client = redis.Redis.from_url(server.url)
         dicom = free_port()
 
-        def listener(name: str) -> tuple[ServiceProcess, int]:
+        def listener(name: str, processes: int = 1) -> tuple[ServiceProcess, int]:
             metrics_port = free_port()
-            return ServiceProcess(["-m", "dicom_listener"], {
+            return ServiceProcess(["-m", "dicom_listener", "--processes", str(processes)], {
                 "ICH_REDIS_URL": server.url, "ICH_DICOM_PORT": str(dicom), "ICH_DICOM_HOST": "127.0.0.1",
                 "ICH_LISTENER_METRICS_PORT": str(metrics_port), "ICH_MAX_QUEUE": str(10 * args.n),
                 "ICH_LOG_LEVEL": "WARNING"}, tmp / f"{name}.log").start(wait_port=dicom), metrics_port
@@ -134,9 +135,13 @@ def main() -> None:
             m4 = metrics_text(metrics_port)
             rss = memory_mib(first.proc.pid, "VmHWM")
             client.flushall()
-            second, _ = listener("listener-2")  # SO_REUSEPORT: same port, second process
+            first.stop()
+            first = None
+            second, pool_metrics = listener("listener-pool", processes=2)
+            time.sleep(3.0)   # the second child binds the port too
             two_procs_s = timed_send(dicom, "ICHWATCH", [files[i::4] for i in range(4)])
             assert client.llen(keys.SCORE_QUEUE) == len(files)
+            assert metrics_text(pool_metrics)["ich_instances_queued_total"] == len(files)
         finally:
             for proc in (first, second):
                 if proc:
@@ -152,8 +157,9 @@ def main() -> None:
               f"(ratio to storescp {rate_one / rate_dcmtk:.2f}, to bare pynetdicom {rate_one * bare_s / n:.2f})")
         print(f"listener -> Redis,     4 associations: {rate_four:7.1f} instances/s  "
               f"(x{rate_four / rate_one:.2f} of one association)")
-        print(f"2 listener processes, 4 assoc: {n / two_procs_s:7.1f} instances/s  "
-              f"(x{one_s / two_procs_s:.2f} of one association)")
+        print(f"--processes 2,         4 associations: {n / two_procs_s:7.1f} instances/s  "
+              f"(x{one_s / two_procs_s:.2f} of one association, x{four_s / two_procs_s:.2f} of one "
+              "process; /metrics summed over both)")
         print(f"handler p50/p99, 1 association : {histogram_quantile(m1, 'ich_store_handler_seconds', 0.5) * 1e3:.0f}"
               f" / {histogram_quantile(m1, 'ich_store_handler_seconds', 0.99) * 1e3:.0f} ms (histogram bucket bounds)")
         print(f"handler p99, both runs        : {histogram_quantile(m4, 'ich_store_handler_seconds', 0.99) * 1e3:.0f} ms")

@@ -135,6 +135,9 @@ class Settings:
     allowed_calling_aets: tuple[str, ...] = _setting(
         "ICH_ALLOWED_CALLING_AETS", "", _ae_list,
         "comma list of calling AE titles allowed to associate; empty = any")
+    listener_processes: int = _setting(
+        "ICH_LISTENER_PROCESSES", "1", _int_range(1, 64),
+        "listener processes sharing the DICOM port (SO_REUSEPORT), supervised by one parent")
     max_associations: int = _setting(
         "ICH_MAX_ASSOCIATIONS", "16", _int_range(1, 1000), "concurrent associations accepted")
     dicom_timeout_s: float = _setting(

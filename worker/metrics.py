@@ -5,9 +5,6 @@ for delivery), so the default registry of that process is the one `/metrics` ser
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -34,12 +31,3 @@ slices_pending = Gauge("ich_slices_pending", "Slices accepted and not yet scored
 slices_requeued = Counter("ich_slices_requeued",
                           "Slices the reconciler re-queued: no result and no message in flight")
 
-
-def watch(gauge: Gauge, read: Callable[[], int]) -> None:
-    """Read at scrape time; NaN while Redis is unreachable."""
-    def value() -> float:
-        try:
-            return float(read())
-        except Exception:  # a scrape must not fail because Redis is down
-            return math.nan
-    gauge.set_function(value)

@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 
 from ich import keys
 from ich.decision import StudyRule
+from ich.metrics import watch
 from ich.queue import DELIVER_TASK, SCORE_TASK, connect, task_message
 from worker import alerts, metrics
 from worker.celery import app, consumed_queues, settings
@@ -219,8 +220,8 @@ def _on_ready(sender=None, **_) -> None:
     if port:
         start_http_server(port)
         log.info("metrics on :%d/metrics", port)
-    metrics.watch(metrics.queue_depth, lambda: redis_client.llen(keys.SCORE_QUEUE))
-    metrics.watch(metrics.slices_pending, lambda: redis_client.zcard(keys.LEDGER))
+    watch(metrics.queue_depth, lambda: redis_client.llen(keys.SCORE_QUEUE))
+    watch(metrics.slices_pending, lambda: redis_client.zcard(keys.LEDGER))
     if scoring:
         scorer()
     if delivering and settings.webhook_urls and not settings.webhook_secret:

@@ -40,11 +40,13 @@ class Report:
     kills: int = 0
     studies: dict = field(default_factory=dict)   # study uid -> positive?
 
-    def line(self, scored: int, failed: Counter, lost: int, duplicates: int, took: float) -> str:
+    def line(self, scored: int, failed: Counter, lost: int, duplicates: int, requeued: int,
+             took: float) -> str:
         return (f"chaos (seed {self.seed}): {self.sent} slices sent by senders, "
                 f"{len(self.acknowledged)} acknowledged (after {self.refused} refusals retried), "
                 f"{scored} scored, {sum(failed.values())} failed with reason {dict(failed)}, "
-                f"lost {lost}, duplicate alerts {duplicates}; {self.kills} SIGKILLs of the scoring "
+                f"lost {lost}, duplicate alerts {duplicates}, re-queued from the ledger "
+                f"{requeued}; {self.kills} SIGKILLs of the scoring "
                 f"worker, alerts worker and Redis restarted once; {took:.0f} s")
 
 
@@ -151,7 +153,9 @@ def run_chaos(tmp_path, slices: int, senders: int, kills: int, seed: int) -> Non
         duplicates = sum(n - 1 for n in alerts.values() if n > 1)
         failed = Counter(r["error"] for rs in results.values() for r in rs.values() if "error" in r)
         scored = sum("probabilities" in r for rs in results.values() for r in rs.values())
-        print("\n" + report.line(scored, failed, lost, duplicates, time.monotonic() - started))
+        requeued = p.alerts.log().count("; re-queued")   # the log outlives the restart
+        print("\n" + report.line(scored, failed, lost, duplicates, requeued,
+                                 time.monotonic() - started))
         assert lost == 0, f"{lost} acknowledged slices have no result (seed {seed}); " \
                           f"ledger {p.client.zcard(keys.LEDGER)}, queue {p.client.llen(keys.SCORE_QUEUE)}"
         assert all(set(results[s]) == sops for s, sops in acked_by_study.items()), \

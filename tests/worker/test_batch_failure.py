@@ -105,6 +105,23 @@ def test_a_resend_redis_refuses_escapes_nothing_and_the_ledger_requeues_it(tasks
     client.delete(keys.SCORE_QUEUE, keys.LEDGER, keys.LEDGER_MESSAGES)
 
 
+def test_a_batch_redelivered_after_a_kill_still_raises_the_first_positive(tasks, redis_server,
+                                                                         monkeypatch):
+    """A worker killed after recording a batch but before publishing its study's
+    first_positive: kombu redelivers the batch, whose bytes are gone. The recorded results are
+    kept (issue 14 item 3), and the redelivered copies must still get the alert out."""
+    client = redis.Redis.from_url(redis_server.url)
+    batch = requests_for(client, 2)          # blood in both slices: a positive study
+    study = batch[0].kwargs["study_instance_uid"]
+    with monkeypatch.context() as m:         # the kill: recorded, no alert published
+        m.setattr(tasks.scorer(), "due_alert", lambda uid: (_ for _ in ()).throw(SystemError()))
+        tasks.score(batch)
+    assert not tasks.studies.alerted(study, tasks.scorer().version, "first_positive")
+    tasks.score(batch)                       # the redelivery
+    assert tasks.studies.alerted(study, tasks.scorer().version, "first_positive")
+    assert all("probabilities" in r for r in tasks.studies.results(study))
+
+
 def test_the_same_batch_scores_once_the_model_works(tasks, redis_server):
     client = redis.Redis.from_url(redis_server.url)
     batch = requests_for(client, 2)
