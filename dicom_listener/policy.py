@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from ich.imaging import SliceError, check_slice
+from ich.imaging import MAX_FRAMES, SliceError, check_slice
 from ich.queue import SliceMeta
 
 SUCCESS = 0x0000
@@ -19,7 +19,7 @@ DATASET_MISMATCH = 0xA900        # Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC210       # Error: Cannot understand — the data set cannot be parsed
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
-#: Multi-frame CT objects: accepted so a PACS can forward whole studies, not yet scored.
+#: Multi-frame CT objects: queued whole; the worker scores each frame as a slice (issue 15).
 MULTI_FRAME_CT = frozenset({
     UID("1.2.840.10008.5.1.4.1.1.2.1"),  # Enhanced CT Image Storage
     UID("1.2.840.10008.5.1.4.1.1.2.2"),  # Legacy Converted Enhanced CT Image Storage
@@ -42,9 +42,7 @@ def classify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Decision
     lazily, so a malformed element may raise here: the caller answers that with 0xC210."""
     if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
         return Decision("reject", "undecodable", CANNOT_UNDERSTAND)
-    if sop_class_uid in MULTI_FRAME_CT:
-        return Decision("ignore", "multi_frame")
-    if sop_class_uid != CT_IMAGE_STORAGE:
+    if sop_class_uid != CT_IMAGE_STORAGE and sop_class_uid not in MULTI_FRAME_CT:
         # PACS forward whole studies: dose reports, secondary captures, presentation states.
         return Decision("ignore", "not_ct" if "PixelData" in ds else "non_image")
     if str(ds.get("Modality", "")).upper() != "CT":
@@ -59,7 +57,10 @@ def classify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Decision
         # PS3.7 §9.3.1.1: the Affected SOP Instance UID is the data set's SOP Instance UID.
         return Decision("reject", "uid_mismatch", DATASET_MISMATCH)
     try:
-        check_slice(ds, require_ct=False)  # header only: no pixel is decoded here
+        # Header only: no pixel is decoded here. PS3.3 A.38/A.70: an Enhanced or Legacy
+        # Converted Enhanced CT holds up to MAX_FRAMES frames; a CT Image holds one.
+        check_slice(ds, require_ct=False,
+                    max_frames=MAX_FRAMES if sop_class_uid in MULTI_FRAME_CT else 1)
     except SliceError as exc:
         # PS3.3 A.3/C.8.2.1: a CT image is one sample per pixel, monochrome, one frame; refuse
         # what the worker cannot score now, while the sender can still be told, rather than

@@ -21,11 +21,15 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 
 #: Largest Rows/Columns we decode: real CT is ≤ 1024²; a hostile header must not allocate GBs.
 MAX_DIMENSION = 4096
 #: Largest inflated Deflated Explicit VR data set: a 1024² 16-bit slice with headers fits.
 MAX_INFLATED_BYTES = 16 * 2**20
+#: Most frames scored from one multi-frame CT object (Enhanced CT, Legacy Converted Enhanced
+#: CT): a head series has 30-300; the header is checked before any frame is decoded.
+MAX_FRAMES = 1000
 #: Air, used for pixels outside the scanner's field of view (PixelPaddingValue).
 AIR_HU = -1000.0
 
@@ -51,6 +55,15 @@ REASONS = frozenset({
     "unsupported_bits",         # BitsAllocated/BitsStored we cannot interpret
     "blank",                    # every pixel has the same value: nothing to score
 })
+
+
+class Frame(NamedTuple):
+    """One scored image of an instance: a classic CT slice (number None) or one frame of a
+    multi-frame object, with the z its Plane Position functional group gives (PS3.3 C.7.6.16)."""
+
+    number: int | None
+    position: float | None
+    image: np.ndarray
 
 
 class SliceError(ValueError):
@@ -111,9 +124,10 @@ def _refuse_deflate_bomb(fp: BinaryIO) -> None:
         fp.seek(start)
 
 
-def check_slice(ds: Dataset, require_ct: bool = True) -> None:
+def check_slice(ds: Dataset, require_ct: bool = True, max_frames: int = 1) -> None:
     """Header checks that are cheap and must precede decoding (a hostile header must fail
-    here, before any allocation). PS3.3 C.7.6.3 Image Pixel Module defines these attributes."""
+    here, before any allocation). PS3.3 C.7.6.3 Image Pixel Module defines these attributes.
+    `max_frames` > 1 admits a multi-frame object of up to that many frames."""
     modality = _get(ds, "Modality")
     if require_ct and str(modality or "").upper() != "CT":
         raise SliceError("not_ct", f"Modality {modality!r}")
@@ -127,8 +141,10 @@ def check_slice(ds: Dataset, require_ct: bool = True) -> None:
     frames = _int(ds, "NumberOfFrames", 1)
     if frames < 1:
         raise SliceError("bad_geometry", f"NumberOfFrames={frames}")
-    if frames > 1:
+    if frames > 1 and max_frames == 1:
         raise SliceError("multi_frame", f"NumberOfFrames={frames}")
+    if frames > max_frames:
+        raise SliceError("too_large", f"NumberOfFrames={frames} exceeds {max_frames}")
     photometric = str(_get(ds, "PhotometricInterpretation") or "").strip()
     samples = _int(ds, "SamplesPerPixel", 1)
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -138,7 +154,7 @@ def check_slice(ds: Dataset, require_ct: bool = True) -> None:
         raise SliceError("unsupported_bits", f"BitsAllocated={allocated} BitsStored={stored}")
     meta = getattr(ds, "file_meta", None) or {}
     if not meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
-        expected = rows * cols * allocated // 8
+        expected = rows * cols * allocated // 8 * frames
         have = len(ds.PixelData)
         if have < expected:
             raise SliceError("truncated", f"pixel data {have} bytes, header implies {expected}")
@@ -153,18 +169,68 @@ def to_hu(ds: Dataset) -> np.ndarray:
     while their values wrapped modulo 4096; they are unwrapped and given intercept -1000.
     Pixels equal to PixelPaddingValue (outside the scanner's field of view) become air.
     """
+    stored = _decode(ds)
+    if stored.ndim != 2:
+        raise SliceError("multi_frame", f"decoded shape {stored.shape}")
+    return _rescale(ds, stored, _float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0))
+
+
+def load_frames(source: Source, size: int = 224) -> list[Frame]:
+    """Every image of an instance → windows: one Frame for a classic CT slice, one per frame
+    (in frame order) for Enhanced CT and Legacy Converted Enhanced CT (PS3.3 A.38, A.70).
+    A frame's rescale and z come from its Per-Frame Functional Groups, else the Shared ones
+    (Pixel Value Transformation C.7.6.16.2.9, Plane Position C.7.6.16.2.3). Frames are decoded
+    one at a time: a long series never holds every frame in float32 at once."""
+    ds = read_dataset(source)
+    check_slice(ds, max_frames=MAX_FRAMES)
+    n = _int(ds, "NumberOfFrames", 1)
+    if n == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        return [Frame(None, None, windows(resize(to_hu(ds), size)))]
+    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence") or []
+    shared = (_get(ds, "SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    if len(per_frame) not in (0, n):
+        raise SliceError("bad_geometry", f"{len(per_frame)} per-frame groups for {n} frames")
+    frames = []
+    for i in range(n):
+        groups = per_frame[i] if per_frame else Dataset()
+        transform = _group(groups, shared, "PixelValueTransformationSequence") or ds
+        plane = _group(groups, shared, "PlanePositionSequence")
+        stored = _decode(ds, index=i)
+        hu = _rescale(ds, stored, _float(transform, "RescaleSlope", 1.0),
+                      _float(transform, "RescaleIntercept", 0.0))
+        position = None
+        if plane is not None:
+            try:
+                position = float(plane.ImagePositionPatient[2])
+            except (AttributeError, TypeError, ValueError, IndexError):
+                position = None
+        frames.append(Frame(i + 1, position, windows(resize(hu, size))))
+    return frames
+
+
+def _group(per_frame: Dataset, shared: Dataset, keyword: str) -> Dataset | None:
+    """The first item of a functional group macro, per-frame before shared (PS3.3 C.7.6.16)."""
+    for groups in (per_frame, shared):
+        items = groups.get(keyword)
+        if items:
+            return items[0]
+    return None
+
+
+def _decode(ds: Dataset, index: int | None = None) -> np.ndarray:
+    """Stored pixel values of the instance, or of one frame (0-based `index`)."""
     try:
-        stored = ds.pixel_array
+        if index is None:
+            return ds.pixel_array
+        return pixel_array(ds, index=index)
     except (ValueError, EOFError) as exc:
         reason = "truncated" if "length" in str(exc).lower() or isinstance(exc, EOFError) else "undecodable"
         raise SliceError(reason, f"{type(exc).__name__}: {exc}") from None
     except Exception as exc:  # codec plugins raise RuntimeError, NotImplementedError, ...
         raise SliceError("undecodable", f"{type(exc).__name__}: {exc}") from None
-    if stored.ndim != 2:
-        raise SliceError("multi_frame", f"decoded shape {stored.shape}")
 
-    slope = _float(ds, "RescaleSlope", 1.0)
-    intercept = _float(ds, "RescaleIntercept", 0.0)
+
+def _rescale(ds: Dataset, stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     stored = stored.astype(np.int32, copy=False)
     padding = _padding_mask(ds, stored)
     if _int(ds, "BitsStored") == 12 and _int(ds, "PixelRepresentation") == 0 and intercept > -100:

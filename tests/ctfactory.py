@@ -78,3 +78,35 @@ def lesion_hu(size: int = 64, seed: int = 0, bleed: bool = True) -> np.ndarray:
         y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
         hu[(x + 0.25) ** 2 + (y - 0.1) ** 2 < 0.3 ** 2] = 70
     return hu
+
+
+def enhanced_ct(slices: list[Dataset], enhanced: bool = False) -> Dataset:
+    """The slices of one series as one multi-frame object, by highdicom's legacy conversion
+    (Legacy Converted Enhanced CT, PS3.3 A.70); `enhanced=True` relabels it Enhanced CT Image
+    Storage, which is what the worker reads the same way (functional groups). Headers a real
+    scanner writes and ct_dataset omits are filled in on copies."""
+    import copy
+
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+    from pydicom.uid import EnhancedCTImageStorage
+
+    filled, frame_of_reference = [], generate_uid()
+    for n, ds in enumerate(slices):
+        ds = copy.deepcopy(ds)
+        for keyword, value in (("Manufacturer", "ICH Watch tests"), ("PatientName", "PHANTOM^LEAKCHECK"),
+                               ("PatientID", "PID31415926"), ("PatientBirthDate", ""),
+                               ("PatientSex", "O"), ("StudyDate", "20261202"), ("StudyTime", "120000"),
+                               ("ReferringPhysicianName", ""), ("AccessionNumber", "ACC777"),
+                               ("StudyID", "1"), ("SeriesNumber", 1), ("PixelSpacing", [0.5, 0.5]),
+                               ("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]),
+                               ("ImagePositionPatient", [0, 0, 5.0 * n]), ("SliceThickness", 5.0),
+                               ("FrameOfReferenceUID", frame_of_reference),
+                               ("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"]),
+                               ("AcquisitionNumber", 1), ("KVP", 120), ("InstanceNumber", n + 1)):
+            if keyword not in ds:
+                setattr(ds, keyword, value)
+        filled.append(ds)
+    out = LegacyConvertedEnhancedCTImage(filled, generate_uid(), 9, generate_uid(), 1)
+    if enhanced:
+        out.SOPClassUID = out.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    return out

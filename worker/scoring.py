@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class Scorer:
         self.rule = StudyRule.from_card(self.card.study_rule, settings.thresholds(self.card.thresholds))
         self.thresholds = dict(self.rule.thresholds)
         self.client = client
+        self.batch_max = settings.batch_max
         self.studies = StudyStore(client, settings.result_ttl_s)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         # One trace for every batch size: the batch dimension is left open in the signature.
@@ -73,34 +74,38 @@ class Scorer:
 
     # --- the three steps -------------------------------------------------------------------
 
-    def pre_process(self, metas: list[SliceMeta]) -> tuple[np.ndarray, list[SliceMeta], list[SliceResult]]:
-        """Fetch and decode. Returns (images, their metas, failed results)."""
+    def pre_process(self, metas: list[SliceMeta]) -> tuple[np.ndarray, list[SliceResult], list[SliceResult]]:
+        """Fetch and decode. Returns (images, the results they will fill, failed results). A
+        multi-frame CT instance gives one image and one result per frame."""
         blobs = self.client.mget([keys.slice_bytes(m.token) for m in metas])
         decoded = list(self._pool.map(self._decode, blobs))
-        images, ok, failed = [], [], []
-        for meta, (image, reason) in zip(metas, decoded):
-            if image is None:
+        images, pending, failed = [], [], []
+        for meta, (frames, reason) in zip(metas, decoded):
+            if frames is None:
                 failed.append(SliceResult(meta, error=reason, scored_at=time.time()))
-            else:
-                images.append(image)
-                ok.append(meta)
+                continue
+            for frame in frames:
+                images.append(frame.image)
+                pending.append(SliceResult(meta, frame=frame.number, position=frame.position))
         array = np.stack(images) if images else np.zeros((0, self.size, self.size, 3), np.float32)
-        return array, ok, failed
+        return array, pending, failed
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) → (n, 6) probabilities in LABELS order."""
+        """(n, size, size, 3) → (n, 6) probabilities in LABELS order; forward passes of at most
+        ICH_BATCH_MAX images (a multi-frame instance can bring hundreds)."""
         if not len(images):
             return np.zeros((0, len(LABELS)), np.float32)
-        return self._forward(images).numpy()
+        return np.concatenate([self._forward(images[i:i + self.batch_max]).numpy()
+                               for i in range(0, len(images), self.batch_max)])
 
-    def post_process(self, metas: list[SliceMeta], probabilities: np.ndarray,
+    def post_process(self, pending: list[SliceResult], probabilities: np.ndarray,
                      failed: list[SliceResult]) -> list[str]:
         """Record every result; return the studies of the batch. Failed slices count too: a
         redelivered copy of a slice recorded just before a kill finds its bytes gone, and its
         study's first_positive may still be unsent."""
         now = time.time()
-        results = [SliceResult(m, dict(zip(LABELS, map(float, p))), scored_at=now)
-                   for m, p in zip(metas, probabilities)]
+        results = [replace(r, probabilities=dict(zip(LABELS, map(float, p))), scored_at=now)
+                   for r, p in zip(pending, probabilities)]
         self.studies.record(results + failed, self.rule, self.version)
         for r in failed:
             metrics.slices_failed.labels(r.error).inc()
@@ -119,13 +124,13 @@ class Scorer:
         started = time.time()
         for m in metas:
             metrics.queue_wait.observe(max(0.0, started - m.received_at))
-        images, ok, failed = self.pre_process(metas)
+        images, pending, failed = self.pre_process(metas)
         metrics.preprocess.observe(time.time() - started)
-        metrics.batch_size.observe(len(ok))
+        metrics.batch_size.observe(len(pending))
         t = time.perf_counter()
         probabilities = self.predict(images)
         metrics.inference.observe(time.perf_counter() - t)
-        return self.post_process(ok, probabilities, failed)
+        return self.post_process(pending, probabilities, failed)
 
     def due_alert(self, study_uid: str) -> dict | None:
         """The study's first_positive alert if the study rule is now met and it was not sent."""
@@ -134,11 +139,11 @@ class Scorer:
         alert = self.studies.build_alert(FIRST_POSITIVE, study_uid)
         return alert if alert["positive"][ANY] else None
 
-    def _decode(self, blob: bytes | None) -> tuple[np.ndarray | None, str]:
+    def _decode(self, blob: bytes | None) -> tuple[list[imaging.Frame] | None, str]:
         if blob is None:
             return None, "expired"  # bytes outlived ICH_SLICE_TTL_S before scoring
         try:
-            return imaging.load_slice(blob, self.size), ""
+            return imaging.load_frames(blob, self.size), ""
         except imaging.SliceError as exc:
             return None, exc.reason
         except Exception as exc:  # the edge of one slice: whatever it is, it fails alone

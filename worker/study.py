@@ -68,6 +68,15 @@ class SliceResult:
     probabilities: dict[str, float] | None = None
     error: str | None = None
     scored_at: float = 0.0
+    frame: int | None = None        # frame number of a multi-frame CT instance
+    position: float | None = None   # that frame's z (the meta has the instance's)
+
+    @property
+    def key(self) -> str:
+        """Its field in the study's results hash: the SOP Instance UID, per frame for a
+        multi-frame instance."""
+        uid = self.meta.sop_instance_uid
+        return uid if self.frame is None else f"{uid}#{self.frame}"
 
     def positive(self, thresholds: dict[str, float]) -> dict[str, bool]:
         """Per label, whether this slice alone reaches the threshold. Informative only: the
@@ -79,10 +88,13 @@ class SliceResult:
         m = self.meta
         record: dict[str, Any] = {
             "sop_instance_uid": m.sop_instance_uid, "series_instance_uid": m.series_instance_uid,
-            "instance_number": m.instance_number, "slice_position": m.slice_position,
+            "instance_number": m.instance_number,
+            "slice_position": m.slice_position if self.frame is None else self.position,
             "received_at": m.received_at, "scored_at": self.scored_at,
             "model_version": model_version, "token": m.token,
         }
+        if self.frame is not None:
+            record["frame_number"] = self.frame
         if self.error:
             record["error"] = self.error
         else:
@@ -108,7 +120,7 @@ class StudyStore:
             m = r.meta
             state = keys.study_state(m.study_instance_uid)
             pipe.eval(_RECORD_ONCE_LUA, 1, keys.study_results(m.study_instance_uid),
-                      m.sop_instance_uid, m.token, r.to_json(thresholds, model_version))
+                      r.key, m.token, r.to_json(thresholds, model_version))
             for name, value in (("series_instance_uid", m.series_instance_uid),
                                 ("accession_number", m.accession_number),
                                 ("calling_ae", m.calling_ae),
@@ -159,7 +171,8 @@ class StudyStore:
     def results(self, study_uid: str) -> list[dict[str, Any]]:
         raw = self.client.hvals(keys.study_results(study_uid))
         records = [json.loads(v) for v in raw]
-        return sorted(records, key=lambda r: (r.get("instance_number") or 0, r["sop_instance_uid"]))
+        return sorted(records, key=lambda r: (r.get("instance_number") or 0, r["sop_instance_uid"],
+                                              r.get("frame_number") or 0))
 
     def state(self, study_uid: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.client.hgetall(keys.study_state(study_uid)).items()}
@@ -175,7 +188,8 @@ class StudyStore:
         scored = [r for r in records if "probabilities" in r]
         decision = rule.decide([
             SliceScore([r["probabilities"][label] for label in LABELS], r.get("series_instance_uid") or "",
-                       r.get("slice_position"), r.get("instance_number")) for r in scored])
+                       r.get("slice_position"), r.get("frame_number") or r.get("instance_number"))
+            for r in scored])
         return state, records, scored, rule, decision
 
     def build_alert(self, kind: str, study_uid: str) -> dict[str, Any]:
@@ -196,6 +210,7 @@ class StudyStore:
         evidence = [scored[i] for i in sorted(chosen)] if decision.any else []
         positive_slices = [
             {"sop_instance_uid": r["sop_instance_uid"], "instance_number": r["instance_number"],
+             **({"frame_number": r["frame_number"]} if "frame_number" in r else {}),
              "probabilities": r["probabilities"]}
             for r in sorted(evidence, key=_reading_order)]
         model_version = state["model_version"]
@@ -231,4 +246,5 @@ class StudyStore:
 def _reading_order(record: dict[str, Any]) -> tuple:
     """Slices listed as a reader scrolls a series: instance number, then z."""
     return (record.get("series_instance_uid") or "", record.get("instance_number") or 0,
-            record.get("slice_position") or 0.0, record["sop_instance_uid"])
+            record.get("frame_number") or 0, record.get("slice_position") or 0.0,
+            record["sop_instance_uid"])

@@ -144,3 +144,49 @@ def test_storescu_to_webhook(node):
     logs = "".join(p.log() for p in node["procs"].values())
     for value in phi_pos | phi_neg:
         assert value not in logs, "patient data in a log"
+
+
+def test_an_enhanced_ct_study_alerts_as_its_classic_twin(node):
+    """Issue 15 part 2: DCMTK storescu sends each phantom study twice, as classic slices and as
+    one Enhanced CT Image object (new study UIDs; storescu's default contexts propose Enhanced
+    CT, not Legacy Converted): the twin must decide alike, frame by frame, and name the frames."""
+    from tests.ctfactory import enhanced_ct
+
+    tmp, receiver, ports = node["tmp"], node["receiver"], node["ports"]
+    studies = {}
+    for name, subtypes, index in (("positive", ("intraparenchymal",), 3), ("negative", (), 2)):
+        classic, slices, _ = write_study(tmp / f"classic-{name}", subtypes, index)
+        twin_ds = [s.dataset for s in slices]
+        multi = enhanced_ct(twin_ds, enhanced=True)
+        multi.StudyInstanceUID = twin = generate_uid()
+        (tmp / f"twin-{name}").mkdir()
+        (tmp / f"twin-{name}" / "enhanced.dcm").write_bytes(to_bytes_ds(multi))
+        studies[name] = (classic, twin, len(slices))
+        for folder in (f"classic-{name}", f"twin-{name}"):
+            result = subprocess.run(["storescu", "-aec", "ICHWATCH", "+sd", "127.0.0.1",
+                                     str(ports["dicom"]), str(tmp / folder)], capture_output=True,
+                                    text=True, timeout=120,
+                                    env={"TCP_NODELAY": "1", "PATH": os.environ["PATH"]})
+            assert result.returncode == 0, result.stderr
+
+    def alerts(study: str, kind: str) -> list[dict]:
+        return [a for a in receiver.accepted() if a["study_instance_uid"] == study and a["kind"] == kind]
+
+    every = [uid for classic, twin, _ in studies.values() for uid in (classic, twin)]
+    receiver.wait_for(lambda: all(alerts(s, "study_summary") for s in every), timeout=120)
+    for name, (classic, twin, n) in studies.items():
+        a, b = alerts(classic, "study_summary")[0], alerts(twin, "study_summary")[0]
+        assert a["positive"] == b["positive"] and a["positive"]["any"] == (name == "positive")
+        assert a["slices_scored"] == b["slices_scored"] == n and b["complete"]
+        assert b["scores"]["any"] == pytest.approx(a["scores"]["any"], abs=1e-4)
+        assert len(alerts(twin, "first_positive")) == len(alerts(classic, "first_positive"))
+        assert [s["instance_number"] for s in a["positive_slices"]] == \
+               [s["frame_number"] for s in b["positive_slices"]]
+
+
+def to_bytes_ds(ds) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -15,7 +15,7 @@ from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, MRImageStor
 from dicom_listener.send import responses_stay_queued
 from ich import keys
 from ich.queue import SCORE_TASK
-from tests.ctfactory import ct_dataset, head_hu, to_bytes
+from tests.ctfactory import ct_dataset, enhanced_ct, head_hu, to_bytes
 from tests.listener.conftest import AE, queued_messages
 from tests.services import RedisServer
 
@@ -129,6 +129,17 @@ def test_non_ct_instances_are_ignored_with_success(listener, redis_url):
     m = listener.metrics()
     assert m['ich_instances_ignored_total{reason="not_ct"}'] == 1
     assert m['ich_instances_ignored_total{reason="non_image"}'] == 1
+
+
+def test_a_legacy_converted_enhanced_ct_is_queued_whole(listener, redis_url):
+    """Issue 15 part 2: one message per multi-frame object (the worker splits the frames)."""
+    study, series = generate_uid(), generate_uid()
+    multi = enhanced_ct([ct_slice(n, study, series) for n in range(1, 5)])
+    assert statuses(listener.port, [multi]) == [0x0000]
+    queued, = queued_messages(redis.Redis.from_url(redis_url))
+    assert queued["kwargs"]["sop_instance_uid"] == multi.SOPInstanceUID
+    assert queued["kwargs"]["study_instance_uid"] == study
+    assert listener.metrics()["ich_instances_queued_total"] == 1
 
 
 def test_bad_instances_fail_alone_and_neighbours_succeed(listener, redis_url, monkeypatch):

@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom.sop_class import (
-    CTImageStorage, EnhancedCTImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage,
-)
+from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
 
 from dicom_listener import policy
-from tests.ctfactory import ct_dataset, head_hu
+from ich.imaging import MAX_FRAMES
+from tests.ctfactory import ct_dataset, enhanced_ct, head_hu
 
 
 def decide(ds: Dataset, sop_class=CTImageStorage):
@@ -20,13 +19,22 @@ def test_ct_slice_is_queued():
     assert decide(ct_dataset(head_hu())) == policy.QUEUE
 
 
-@pytest.mark.parametrize("sop_class, reason", [
-    (EnhancedCTImageStorage, "multi_frame"), (SecondaryCaptureImageStorage, "not_ct"),
-])
-def test_other_image_classes_are_ignored(sop_class, reason):
+def test_other_image_classes_are_ignored():
     ds = ct_dataset(head_hu())
-    ds.SOPClassUID = sop_class
-    assert decide(ds, sop_class) == policy.Decision("ignore", reason)
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    assert decide(ds, SecondaryCaptureImageStorage) == policy.Decision("ignore", "not_ct")
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["legacy-converted", "enhanced"])
+def test_multi_frame_ct_is_queued_within_the_frame_limit(enhanced):
+    slices = [ct_dataset(head_hu()) for _ in range(3)]
+    for ds in slices:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    multi = enhanced_ct(slices, enhanced=enhanced)
+    assert decide(multi, multi.SOPClassUID) == policy.QUEUE
+    multi.NumberOfFrames = MAX_FRAMES + 1   # a header that would make the worker decode 1,001
+    assert decide(multi, multi.SOPClassUID) == policy.Decision("reject", "too_large",
+                                                               policy.DATASET_MISMATCH)
 
 
 def test_dose_report_is_ignored_as_non_image():

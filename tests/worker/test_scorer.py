@@ -11,9 +11,10 @@ from ich.labels import LABELS
 from ich.model import ArtifactError
 from ich.queue import SliceMeta, SliceQueue
 from ich.settings import Settings
-from tests.ctfactory import ct_dataset, lesion_hu, to_bytes
+from tests.ctfactory import ct_dataset, enhanced_ct, lesion_hu, to_bytes
 from tests.modelfactory import SIZE, random_inception
 from worker.scoring import Scorer
+from worker.study import SliceResult
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +62,9 @@ def test_pre_process_decodes_good_slices_and_fails_bad_ones_alone(scorer, redis_
     good = [to_bytes(ct_dataset(lesion_hu(64, seed=i))) for i in range(3)]
     metas = queue_slices(redis_url, [good[0], b"\x00garbage", good[1], good[2]])
     redis.Redis.from_url(redis_url).delete(keys.slice_bytes(metas[3].token))  # expired bytes
-    images, ok, failed = scorer.pre_process(metas)
+    images, pending, failed = scorer.pre_process(metas)
     assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.float32
-    assert [m.instance_number for m in ok] == [0, 2]
+    assert [(r.meta.instance_number, r.frame) for r in pending] == [(0, None), (2, None)]
     assert [(f.meta.instance_number, f.error) for f in failed] == [(1, "undecodable"), (3, "expired")]
 
 
@@ -82,7 +83,7 @@ def test_predict_is_one_compiled_function_for_every_batch_size(scorer):
 def test_post_process_records_results_and_applies_thresholds(scorer, redis_url):
     metas = queue_slices(redis_url, [b"x", b"y"])
     probabilities = np.array([[0.2] * 5 + [0.9], [0.35, 0, 0, 0, 0, 0.1]], dtype=np.float32)
-    touched = scorer.post_process(metas, probabilities, failed=[])
+    touched = scorer.post_process([SliceResult(m) for m in metas], probabilities, failed=[])
     assert touched == [metas[0].study_instance_uid]
     client = redis.Redis.from_url(redis_url)
     assert client.hlen(keys.study_results(metas[0].study_instance_uid)) == 2
@@ -101,3 +102,36 @@ def test_score_returns_the_studies_it_touched_and_due_alert_decides_them(scorer,
     # An untrained network puts `any` near 0.5 > 0.15: the study is positive.
     alert = scorer.due_alert(touched[0])
     assert alert["kind"] == "first_positive" and alert["slices_scored"] == 4 and alert["positive"]["any"]
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["legacy-converted", "enhanced"])
+def test_a_multi_frame_ct_is_scored_per_frame_like_its_classic_twin(scorer, redis_url, enhanced):
+    """Issue 15 part 2: each frame of an Enhanced / Legacy Converted Enhanced CT object is a
+    slice: rescale and z from its functional groups, one result per frame keyed by frame
+    number, the same probabilities as the classic slices it was made from. Forward passes
+    stay within ICH_BATCH_MAX images however many frames an object brings."""
+    study, series = generate_uid(), generate_uid()
+    classic = []
+    for i in range(5):
+        ds = ct_dataset(lesion_hu(64, seed=i, bleed=i == 2))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, i + 1
+        classic.append(ds)
+    multi = enhanced_ct(classic, enhanced=enhanced)
+    twin, = queue_slices(redis_url, [to_bytes(multi)])
+    singles = queue_slices(redis_url, [to_bytes(ds) for ds in classic])
+    scorer.batch_max, before = 2, scorer.batch_max
+    try:
+        assert scorer.score([twin]) == [twin.study_instance_uid]
+    finally:
+        scorer.batch_max = before
+    scorer.score(singles)
+    frames = scorer.studies.results(twin.study_instance_uid)
+    assert [r["frame_number"] for r in frames] == [1, 2, 3, 4, 5]
+    assert [r["slice_position"] for r in frames] == [0.0, 5.0, 10.0, 15.0, 20.0]
+    assert {r["sop_instance_uid"] for r in frames} == {twin.sop_instance_uid}
+    expected = [r["probabilities"] for r in scorer.studies.results(singles[0].study_instance_uid)]
+    for got, want in zip(frames, expected):
+        assert got["probabilities"] == pytest.approx(want, abs=1e-5)
+    alert = scorer.studies.build_alert("study_summary", twin.study_instance_uid)
+    assert alert["slices_scored"] == 5 and alert["complete"]
+    assert all("frame_number" in s for s in alert["positive_slices"])
