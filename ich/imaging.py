@@ -175,12 +175,13 @@ def to_hu(ds: Dataset) -> np.ndarray:
     return _rescale(ds, stored, _float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0))
 
 
-def load_frames(source: Source, size: int = 224) -> list[Frame]:
+def load_frames(source: Source, size: int = 224, only: int | None = None) -> list[Frame]:
     """Every image of an instance → windows: one Frame for a classic CT slice, one per frame
     (in frame order) for Enhanced CT and Legacy Converted Enhanced CT (PS3.3 A.38, A.70).
     A frame's rescale and z come from its Per-Frame Functional Groups, else the Shared ones
     (Pixel Value Transformation C.7.6.16.2.9, Plane Position C.7.6.16.2.3). Frames are decoded
-    one at a time: a long series never holds every frame in float32 at once."""
+    one at a time: a long series never holds every frame in float32 at once. `only`: just
+    that frame number."""
     ds = read_dataset(source)
     check_slice(ds, max_frames=MAX_FRAMES)
     n = _int(ds, "NumberOfFrames", 1)
@@ -191,7 +192,7 @@ def load_frames(source: Source, size: int = 224) -> list[Frame]:
     if len(per_frame) not in (0, n):
         raise SliceError("bad_geometry", f"{len(per_frame)} per-frame groups for {n} frames")
     frames = []
-    for i in range(n):
+    for i in range(n) if only is None else [only - 1]:
         groups = per_frame[i] if per_frame else Dataset()
         transform = _group(groups, shared, "PixelValueTransformationSequence") or ds
         plane = _group(groups, shared, "PlanePositionSequence")
@@ -206,6 +207,19 @@ def load_frames(source: Source, size: int = 224) -> list[Frame]:
                 position = None
         frames.append(Frame(i + 1, position, windows(resize(hu, size))))
     return frames
+
+
+def header_bytes(ds: Dataset) -> bytes:
+    """A Part 10 file of `ds` without its pixels and per-frame groups: the patient, study and
+    series modules that results sent back to PACS copy (worker.pacs)."""
+    head = Dataset()
+    for element in ds:
+        if element.tag.group < 0x7FE0 and element.tag != 0x52009230:
+            head.add(element)
+    head.file_meta = ds.file_meta
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, head, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _group(per_frame: Dataset, shared: Dataset, keyword: str) -> Dataset | None:

@@ -47,3 +47,17 @@ def study_results(study_uid: str) -> str:
 def alert_sent(study_uid: str, model_version: str, kind: str) -> str:
     """Idempotency marker: one alert per (study, model version, kind) (DESIGN §4)."""
     return f"{PREFIX}:alert:{study_uid}:{model_version}:{kind}"
+
+
+def study_evidence(study_uid: str) -> str:
+    """Hash of what the DICOM results of a study are built from (issue 15): `header` (a
+    received slice without pixels: the patient and study modules) and the `key_*` fields of its
+    most suspicious slice so far (brain-window pixels, UIDs, frame, `any` probability). Holds
+    patient data like the slice bytes do; expires with the study."""
+    return f"{PREFIX}:study:{study_uid}:evidence"
+
+
+def results_sent(study_uid: str, model_version: str) -> str:
+    """Hash, per result destination, of the last SR sent for the study: what it said and its
+    UIDs, so an unchanged summary is not re-sent and a changed one supersedes it."""
+    return f"{PREFIX}:results:{study_uid}:{model_version}"

@@ -31,6 +31,8 @@ from ich import keys
 SCORE_TASK = "ich.score_slice"
 #: Celery task name of one webhook delivery (alert, consumer URL).
 DELIVER_TASK = "ich.deliver_alert"
+#: Celery task name of one DICOM result delivery (alert, AET@host:port), issue 15.
+RESULT_TASK = "ich.deliver_result"
 
 
 class QueueFull(Exception):

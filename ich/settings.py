@@ -93,6 +93,28 @@ def _url_list(raw: str) -> tuple[str, ...]:
     return tuple(one(part) for part in raw.split(",") if part.strip())
 
 
+def _destination(raw: str) -> str:
+    """`AET@host:port`, a DICOM Storage SCP that receives our results (issue 15)."""
+    value = raw.strip()
+    aet, at, address = value.partition("@")
+    host, colon, port = address.rpartition(":")
+    if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected AET@host:port, got {value!r}")
+    _ae_title(aet)
+    return value
+
+
+def _destination_list(raw: str) -> tuple[str, ...]:
+    return tuple(_destination(part) for part in raw.split(",") if part.strip())
+
+
+def parse_destination(value: str) -> tuple[str, str, int]:
+    """`AET@host:port` → (AE title, host, port)."""
+    aet, _, address = value.partition("@")
+    host, _, port = address.rpartition(":")
+    return aet, host, int(port)
+
+
 def _optional_path(raw: str) -> Path | None:
     value = raw.strip()
     return Path(value) if value else None
@@ -162,6 +184,9 @@ class Settings:
     webhook_backoff_s: float = _setting(
         "ICH_WEBHOOK_BACKOFF_S", "1", _positive_float,
         "first retry delay; doubles per attempt (with jitter), capped at 30 s")
+    result_destinations: tuple[str, ...] = _setting(
+        "ICH_RESULT_DESTINATIONS", "", _destination_list,
+        "comma list of AET@host:port (PACS) that receive each result as DICOM: an SR and a key image")
     study_quiet_s: float = _setting(
         "ICH_STUDY_QUIET_S", "10", _positive_float, "quiet time before a study summary")
     listener_metrics_port: int = _setting(

@@ -19,7 +19,7 @@ import sys
 import uuid
 
 from ich import keys
-from ich.queue import DELIVER_TASK, connect, task_message
+from ich.queue import DELIVER_TASK, RESULT_TASK, connect, task_message
 from ich.settings import Settings
 
 
@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         for raw in client.lrange(keys.DEAD_LETTERS, 0, args.limit - 1) if args.limit > 0 else []:
             record = json.loads(raw)
             alert = record["alert"]
+            target = ({"destination": record["destination"]} if "destination" in record
+                      else {"consumer": record["url_index"]})
             print(json.dumps({"alert_id": alert["alert_id"], "kind": alert["kind"],
                               "study_instance_uid": alert["study_instance_uid"],
-                              "consumer": record["url_index"], "attempts": record["attempts"],
+                              **target, "attempts": record["attempts"],
                               "last_error": record["last_error"], "dead_at": record["dead_at"]}))
         return 0
     if not args.all and not args.alert_ids:
@@ -53,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         alert = record["alert"]
         if not args.all and alert["alert_id"] not in wanted:
             continue
-        index = record["url_index"]
-        if not 0 <= index < len(settings.webhook_urls):
-            print(f"alert {alert['alert_id']}: consumer {index} is not in ICH_WEBHOOK_URLS; kept",
-                  file=sys.stderr)
+        # A webhook consumer (url_index) or a DICOM result destination (destination), by position.
+        task, targets, index, what, setting = (
+            (RESULT_TASK, settings.result_destinations, record["destination"], "destination",
+             "ICH_RESULT_DESTINATIONS") if "destination" in record else
+            (DELIVER_TASK, settings.webhook_urls, record["url_index"], "consumer", "ICH_WEBHOOK_URLS"))
+        if not 0 <= index < len(targets):
+            print(f"alert {alert['alert_id']}: {what} {index} is not in {setting}; kept", file=sys.stderr)
             skipped += 1
             continue
-        message = task_message(DELIVER_TASK, keys.ALERTS_QUEUE, str(uuid.uuid4()),
-                               args=(alert, settings.webhook_urls[index]))
+        message = task_message(task, keys.ALERTS_QUEUE, str(uuid.uuid4()), args=(alert, targets[index]))
         pipe = client.pipeline(transaction=True)
         pipe.lpush(keys.ALERTS_QUEUE, message)
         pipe.lrem(keys.DEAD_LETTERS, 1, raw)

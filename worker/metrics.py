@@ -25,6 +25,8 @@ time_to_alert = Histogram("ich_time_to_alert_seconds",
                           buckets=_LATENCY)
 alerts = Counter("ich_alerts", "Alerts raised", ["kind"])
 deliveries = Counter("ich_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
+results = Counter("ich_dicom_results", "DICOM result deliveries (SR + key image) by outcome: stored, "
+                  "retry, dead_letter, unchanged, no_evidence", ["outcome"])
 model_info = Gauge("ich_model_info", "The model version this worker serves", ["version"])
 queue_depth = Gauge("ich_queue_depth", "Slices waiting in the score queue")
 slices_pending = Gauge("ich_slices_pending", "Slices accepted and not yet scored or failed (the ledger)")

@@ -60,6 +60,8 @@ class Scorer:
         self.thresholds = dict(self.rule.thresholds)
         self.client = client
         self.batch_max = settings.batch_max
+        self.keep_evidence = bool(settings.result_destinations)
+        self._blobs: dict[str, bytes] = {}
         self.studies = StudyStore(client, settings.result_ttl_s)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         # One trace for every batch size: the batch dimension is left open in the signature.
@@ -78,6 +80,7 @@ class Scorer:
         """Fetch and decode. Returns (images, the results they will fill, failed results). A
         multi-frame CT instance gives one image and one result per frame."""
         blobs = self.client.mget([keys.slice_bytes(m.token) for m in metas])
+        self._blobs = {m.token: b for m, b in zip(metas, blobs) if b is not None}
         decoded = list(self._pool.map(self._decode, blobs))
         images, pending, failed = [], [], []
         for meta, (frames, reason) in zip(metas, decoded):
@@ -107,6 +110,8 @@ class Scorer:
         results = [replace(r, probabilities=dict(zip(LABELS, map(float, p))), scored_at=now)
                    for r, p in zip(pending, probabilities)]
         self.studies.record(results + failed, self.rule, self.version)
+        if self.keep_evidence:
+            self._keep_evidence(results)
         for r in failed:
             metrics.slices_failed.labels(r.error).inc()
             log.warning("slice %s of study %s failed: %s", r.meta.sop_instance_uid,
@@ -131,6 +136,21 @@ class Scorer:
         probabilities = self.predict(images)
         metrics.inference.observe(time.perf_counter() - t)
         return self.post_process(pending, probabilities, failed)
+
+    def _keep_evidence(self, results: list[SliceResult]) -> None:
+        """For the DICOM results (ICH_RESULT_DESTINATIONS): each study's header once, and its
+        most suspicious slice so far in the brain window at full resolution. Only a slice that
+        beats the kept one is decoded again; a failure here never fails the batch."""
+        best: dict[str, SliceResult] = {}
+        for r in results:
+            uid = r.meta.study_instance_uid
+            if r.meta.token in self._blobs and (uid not in best or r.probabilities[ANY] > best[uid].probabilities[ANY]):
+                best[uid] = r
+        for uid, r in best.items():
+            try:
+                self.studies.keep_evidence(uid, self._blobs[r.meta.token], r)
+            except Exception:  # noqa: BLE001 - the result is recorded; only the key image is missing
+                log.warning("could not keep the key image of study %s", uid, exc_info=True)
 
     def due_alert(self, study_uid: str) -> dict | None:
         """The study's first_positive alert if the study rule is now met and it was not sent."""

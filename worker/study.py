@@ -19,9 +19,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import redis
 
-from ich import keys
+from ich import imaging, keys
 from ich.decision import SliceScore, StudyRule
 from ich.labels import ANY, LABELS
 from ich.queue import SliceMeta
@@ -56,6 +57,19 @@ if cutoff >= 0 then
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
 for i = 4, #ARGV do redis.call('LPUSH', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+
+# KEYS: evidence hash.  ARGV: ttl, header ('' = keep), key `any`, field/value pairs of the key
+# slice. Two workers scoring the same study keep the higher slice.
+_EVIDENCE_LUA = """
+if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[1], 'header', ARGV[2]) end
+local current = redis.call('HGET', KEYS[1], 'key_any')
+if #ARGV > 3 and (not current or tonumber(ARGV[3]) > tonumber(current)) then
+  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
 """
 
@@ -140,6 +154,32 @@ class StudyStore:
             pipe.zrem(keys.LEDGER, m.token)   # resolved: the reconciler leaves it alone
             pipe.hdel(keys.LEDGER_MESSAGES, m.token)
         pipe.execute()
+
+    def keep_evidence(self, study_uid: str, blob: bytes, result: SliceResult) -> None:
+        """Keep what the study's DICOM results are built from (keys.study_evidence): its header
+        once, and `result`'s slice if it is the most suspicious so far (decoded again only
+        then, at full resolution, brain window)."""
+        key = keys.study_evidence(study_uid)
+        has_header, current = self.client.pipeline().hexists(key, "header").hget(key, "key_any").execute()
+        p = float(result.probabilities[ANY])
+        better = current is None or p > float(current)
+        if has_header and not better:
+            return
+        ds = imaging.read_dataset(blob)
+        fields: list = []
+        if better:
+            frame, = imaging.load_frames(ds, max(int(ds.Rows), int(ds.Columns)), only=result.frame)
+            pixels = np.round(frame.image[..., 0] * 255).astype(np.uint8)   # channel 0: brain window
+            m = result.meta
+            fields = ["key_any", repr(p), "key_pixels", pixels.tobytes(),
+                      "key_shape", f"{pixels.shape[0]}x{pixels.shape[1]}",
+                      "key_sop_instance_uid", m.sop_instance_uid, "key_sop_class_uid", str(ds.SOPClassUID),
+                      "key_series_instance_uid", m.series_instance_uid, "key_frame", result.frame or 0]
+        self.client.eval(_EVIDENCE_LUA, 1, key, self.ttl_s,
+                         b"" if has_header else imaging.header_bytes(ds), repr(p), *fields)
+
+    def evidence(self, study_uid: str) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.client.hgetall(keys.study_evidence(study_uid)).items()}
 
     def publish_once(self, alert: dict[str, Any], messages: list[bytes],
                      quiet_before: float | None = None) -> bool:

@@ -9,6 +9,7 @@ reconciler (`worker.reconcile`) re-queues it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from prometheus_client import start_http_server
 from ich import keys
 from ich.decision import StudyRule
 from ich.metrics import watch
-from ich.queue import DELIVER_TASK, SCORE_TASK, connect, task_message
+from ich.queue import DELIVER_TASK, RESULT_TASK, SCORE_TASK, connect, task_message
 from worker import alerts, metrics
 from worker.celery import app, consumed_queues, settings
 from worker.reconcile import Reconciler
@@ -117,6 +118,8 @@ def raise_alert(alert: dict, quiet_before: float | None = None) -> bool:
     """Publish an alert to every consumer exactly once; log it (without patient data)."""
     messages = [task_message(DELIVER_TASK, keys.ALERTS_QUEUE, str(uuid.uuid4()), args=(alert, url))
                 for url in settings.webhook_urls]
+    messages += [task_message(RESULT_TASK, keys.ALERTS_QUEUE, str(uuid.uuid4()), args=(alert, dest))
+                 for dest in settings.result_destinations]
     if not studies.publish_once(alert, messages, quiet_before=quiet_before):
         return False
     metrics.alerts.labels(alert["kind"]).inc()
@@ -151,6 +154,73 @@ def deliver_alert(self, alert: dict, url: str) -> None:
               _consumer_index(url), attempt, outcome.detail)
     dead_letter({"alert": alert, "url_index": _consumer_index(url), "attempts": attempt,
                  "last_error": outcome.detail, "dead_at": time.time()})
+
+
+@app.task(name=RESULT_TASK, queue=keys.ALERTS_QUEUE, bind=True, acks_late=True,
+          max_retries=settings.webhook_max_attempts - 1)
+def deliver_result(self, alert: dict, destination: str) -> None:
+    """The alert as DICOM (an SR and, when positive, a key image; worker.pacs) to one PACS.
+    Same retry, backoff and dead-letter rules as a webhook. A summary that says what this
+    destination was last sent is not sent again; one that says more supersedes it."""
+    from worker import pacs   # highdicom: only the alerts process needs it
+
+    index = _destination_index(destination)
+    sent_key = keys.results_sent(alert["study_instance_uid"], alert["model_version"])
+    # One send at a time per study and destination: the summary must see what the
+    # first_positive stored (to supersede it), whichever retry brings them back together.
+    with redis_client.lock(f"{sent_key}:lock:{index}", timeout=120, blocking_timeout=60):
+        _deliver_result(self, pacs, alert, destination, index, sent_key)
+
+
+def _deliver_result(self, pacs, alert: dict, destination: str, index: int, sent_key: str) -> None:
+    raw = redis_client.hget(sent_key, destination)
+    previous = pacs.Sent(**json.loads(raw)) if raw else None
+    digest = pacs.digest(alert)
+    if previous is not None and (previous.digest == digest or previous.kind == STUDY_SUMMARY):
+        # Nothing new, or a first_positive retried after the summary was stored: stale.
+        metrics.results.labels("unchanged").inc()
+        return
+    try:
+        datasets = pacs.build(alert, studies.evidence(alert["study_instance_uid"]), previous)
+    except KeyError:   # nothing kept for this study (scored before ICH_RESULT_DESTINATIONS)
+        metrics.results.labels("no_evidence").inc()
+        log.warning("alert %s: no header kept for its study; no DICOM result for destination %d",
+                    alert["alert_id"], index)
+        return
+    try:
+        stored, detail = pacs.store(datasets, destination, settings.ae_title)
+    except Exception as exc:  # network errors and the like: retried as a refused store
+        stored, detail = False, type(exc).__name__
+    if stored:
+        sr = datasets[0]
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.hset(sent_key, destination, json.dumps(
+            {"digest": digest, "kind": alert["kind"], "sr_sop_instance_uid": sr.SOPInstanceUID,
+             "sr_series_instance_uid": sr.SeriesInstanceUID}))
+        pipe.expire(sent_key, settings.result_ttl_s)
+        pipe.execute()
+        metrics.results.labels("stored").inc()
+        log.info("alert %s: %d DICOM object(s) stored at destination %d", alert["alert_id"],
+                 len(datasets), index)
+        return
+    attempt = self.request.retries + 1
+    if attempt < settings.webhook_max_attempts:
+        metrics.results.labels("retry").inc()
+        delay = alerts.backoff(self.request.retries, settings.webhook_backoff_s)
+        log.warning("alert %s to destination %d: %s, retry %d in %.1f s", alert["alert_id"], index,
+                    detail, attempt, delay)
+        raise self.retry(countdown=delay)
+    metrics.results.labels("dead_letter").inc()
+    log.error("alert %s to destination %d dead-lettered after %d attempt(s): %s",
+              alert["alert_id"], index, attempt, detail)
+    dead_letter({"alert": alert, "destination": index, "attempts": attempt, "last_error": detail,
+                 "dead_at": time.time()})
+
+
+def _destination_index(destination: str) -> int:
+    """Destinations are named by position in ICH_RESULT_DESTINATIONS in logs."""
+    dests = settings.result_destinations
+    return dests.index(destination) if destination in dests else -1
 
 
 def dead_letter(record: dict) -> None:

@@ -187,6 +187,15 @@ def test_dead_letters_are_bounded_listed_and_replayed(tasks, redis_server, monke
     assert [json.loads(raw)["alert"]["alert_id"] for raw in client.lrange(keys.DEAD_LETTERS, 0, -1)] == ["a4"]
     queued = [json.loads(m) for m in client.lrange(keys.ALERTS_QUEUE, 0, -1)]
     assert len(queued) == 2 and all(m["headers"]["task"] == "ich.deliver_alert" for m in queued)
+    # A DICOM result that was dead-lettered goes back to its destination (issue 15).
+    client.delete(keys.DEAD_LETTERS, keys.ALERTS_QUEUE)
+    tasks.dead_letter({"alert": {"alert_id": "r0", "kind": "study_summary", "study_instance_uid": "1.2.9"},
+                       "destination": 0, "attempts": 8, "last_error": "statuses 0xA700", "dead_at": 9.0})
+    env["ICH_RESULT_DESTINATIONS"] = "PACS@127.0.0.1:104"
+    assert json.loads(cli("list").stdout)["destination"] == 0
+    assert cli("replay", "r0").returncode == 0
+    message = json.loads(client.lrange(keys.ALERTS_QUEUE, 0, -1)[0])
+    assert message["headers"]["task"] == "ich.deliver_result" and client.llen(keys.DEAD_LETTERS) == 0
 
 
 def test_a_study_whose_state_expired_leaves_the_summary_queue(tasks, redis_server):
