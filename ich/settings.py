@@ -187,6 +187,10 @@ class Settings:
     result_destinations: tuple[str, ...] = _setting(
         "ICH_RESULT_DESTINATIONS", "", _destination_list,
         "comma list of AET@host:port (PACS) that receive each result as DICOM: an SR and a key image")
+    result_tls_ca: Path | None = _setting(
+        "ICH_RESULT_TLS_CA", "", _optional_path,
+        "CA bundle: results are stored over DICOM TLS, the PACS verified against it "
+        "(ICH_TLS_CERT/KEY, if set, is presented as the client certificate)")
     study_quiet_s: float = _setting(
         "ICH_STUDY_QUIET_S", "10", _positive_float, "quiet time before a study summary")
     listener_metrics_port: int = _setting(

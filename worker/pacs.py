@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -117,9 +119,20 @@ def build(alert: dict, evidence: dict[str, bytes], previous: Sent | None) -> lis
     return out
 
 
-def store(datasets: list[Dataset], destination: str, ae_title: str, timeout_s: float = 30.0) -> tuple[bool, str]:
-    """C-STORE every dataset to `destination` (AET@host:port) in one association. Returns
-    (stored, detail); detail is safe for logs (statuses, no UIDs)."""
+def tls_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """Client TLS (PS3.15 B.1, TLS ≥ 1.2): the PACS must present a certificate from `ca`, and
+    the host name or IP of the destination must match it; `cert`/`key` make it mutual."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def store(datasets: list[Dataset], destination: str, ae_title: str, timeout_s: float = 30.0,
+          tls: ssl.SSLContext | None = None) -> tuple[bool, str]:
+    """C-STORE every dataset to `destination` (AET@host:port) in one association, over TLS
+    when `tls` is given. Returns (stored, detail); detail is safe for logs (no UIDs)."""
     from pynetdicom import AE
 
     aet, host, port = parse_destination(destination)
@@ -128,7 +141,7 @@ def store(datasets: list[Dataset], destination: str, ae_title: str, timeout_s: f
     ae.connection_timeout = min(timeout_s, 10.0)
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
-    assoc = ae.associate(host, port, ae_title=aet)
+    assoc = ae.associate(host, port, ae_title=aet, tls_args=(tls, host) if tls else None)
     if not assoc.is_established:
         return False, "association rejected, aborted or not answered"
     try:

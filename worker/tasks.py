@@ -25,6 +25,7 @@ from ich import keys
 from ich.decision import StudyRule
 from ich.metrics import watch
 from ich.queue import DELIVER_TASK, RESULT_TASK, SCORE_TASK, connect, task_message
+from ich.settings import SettingsError
 from worker import alerts, metrics
 from worker.celery import app, consumed_queues, settings
 from worker.reconcile import Reconciler
@@ -188,7 +189,9 @@ def _deliver_result(self, pacs, alert: dict, destination: str, index: int, sent_
                     alert["alert_id"], index)
         return
     try:
-        stored, detail = pacs.store(datasets, destination, settings.ae_title)
+        tls = (pacs.tls_context(settings.result_tls_ca, settings.tls_cert, settings.tls_key)
+               if settings.result_tls_ca else None)
+        stored, detail = pacs.store(datasets, destination, settings.ae_title, tls=tls)
     except Exception as exc:  # network errors and the like: retried as a refused store
         stored, detail = False, type(exc).__name__
     if stored:
@@ -294,6 +297,13 @@ def _on_ready(sender=None, **_) -> None:
     watch(metrics.slices_pending, lambda: redis_client.zcard(keys.LEDGER))
     if scoring:
         scorer()
+    if delivering and settings.result_destinations and settings.result_tls_ca:
+        try:   # results over TLS: the CA and our client certificate must be here, not found later
+            settings.require_files("result_tls_ca", "tls_cert", "tls_key")
+        except SettingsError as exc:
+            log.critical("%s. Exiting.", exc)
+            logging.shutdown()
+            os._exit(78)
     if delivering and settings.webhook_urls and not settings.webhook_secret:
         if not settings.webhook_allow_unsigned:
             log.critical("ICH_WEBHOOK_URLS is set but ICH_WEBHOOK_SECRET is empty: consumers could "

@@ -76,3 +76,21 @@ def test_a_silent_tcp_client_does_not_block_tls_handshakes(listener_factory, pki
         tls = ["+tla", "+cf", str(pki / "ca.crt")]
         assert send(listener.port, slice_file, *tls) == 0
     assert redis.Redis.from_url(redis_url).llen(keys.SCORE_QUEUE) == 1
+
+
+def test_results_are_stored_over_tls_to_a_tls_pacs(listener_factory, pki, redis_url):
+    """Issue 15: the results SCU speaks DICOM TLS where configured (ICH_RESULT_TLS_CA, with
+    ICH_TLS_CERT/KEY as its client certificate). Our own TLS listener plays the PACS: it
+    accepts any storage class, and queues a CT slice."""
+    from worker import pacs
+
+    listener = listener_factory(ICH_TLS_CERT=str(pki / "server.crt"),
+                                ICH_TLS_KEY=str(pki / "server.key"), ICH_TLS_CA=str(pki / "ca.crt"))
+    ds = ct_dataset(head_hu())
+    destination = f"{AE}@127.0.0.1:{listener.port}"
+    mutual = pacs.tls_context(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+    assert pacs.store([ds], destination, "RESULTSCU", timeout_s=10, tls=mutual) == (True, "statuses 0x0000")
+    assert pacs.store([ds], destination, "RESULTSCU", timeout_s=10)[0] is False   # plain TCP
+    anonymous = pacs.tls_context(pki / "ca.crt")   # no client certificate: mutual TLS refuses
+    assert pacs.store([ds], destination, "RESULTSCU", timeout_s=10, tls=anonymous)[0] is False
+    assert redis.Redis.from_url(redis_url).llen(keys.SCORE_QUEUE) == 1
