@@ -10,7 +10,7 @@ outcome we expect:
   never sent);
 * `reason` — the ignore/reject reason (the `ErrorComment` of a failure response, the metric
   label and the log reason), "" for a queued slice;
-* `worker` — for a queued slice, what `ich.imaging.load_slice` makes of the bytes the listener
+* `worker` — for a queued slice, what `ich.imaging.load_frames` makes of the bytes the listener
   stored: "ok" or the `SliceError.reason` the worker records as the failed result.
 
 The payloads are built element by element so that a case can carry what pydicom would never
@@ -403,8 +403,12 @@ def hostile_cases(bomb_bytes: int = BOMB_BYTES) -> list[Case]:
              "bad_geometry", what="NumberOfFrames -1"))
     ds = base("enhanced_ct")
     ds.SOPClassUID, ds.NumberOfFrames, ds.PixelData = EnhancedCTImageStorage, 3, ds.PixelData * 3
-    add(case("enhanced_ct", ds, SUCCESS, "multi_frame", sop_class=EnhancedCTImageStorage,
-             what="Enhanced CT Image Storage, 3 frames (ignored, not yet scored)"))
+    add(case("enhanced_ct", ds, SUCCESS, sop_class=EnhancedCTImageStorage,
+             what="Enhanced CT Image Storage, 3 frames without functional groups (each scored)"))
+    ds = base("enhanced_ct_1001_frames")
+    ds.SOPClassUID, ds.NumberOfFrames = EnhancedCTImageStorage, 1001
+    add(case("enhanced_ct_1001_frames", ds, MISMATCH, "too_large", sop_class=EnhancedCTImageStorage,
+             what="Enhanced CT declaring 1,001 frames (MAX_FRAMES 1,000), one frame of data"))
 
     # --- bits ------------------------------------------------------------------------------
     for allocated in (12, 1, 0):

@@ -144,8 +144,14 @@ def test_redis_restart_under_a_sender(make_pipeline, tmp_path):
         first_ok_after = min(t for uid, t in times.items() if uid in ok and t > restarted)
         waited = wait_until(lambda: set(p.results(study)) >= ok, 90,
                             "a slice acknowledged with Success was never scored")
-        assert not set(p.results(study)) & refused, "a refused slice was scored: half-stored"
-        print(f"\nredis restart: {len(ok)} stored, {len(refused)} refused with 0xA700 while down; "
+        # A refused slice is never half-stored (bytes and task go in one MULTI/EXEC). One store
+        # can have an unknown outcome: Redis ran its transaction and stopped before the reply
+        # left, so the listener answered 0xA700 for a slice that is whole in Redis; the sender
+        # resends it, and its new receipt replaces the result. One sender: at most one.
+        stored_anyway = set(p.results(study)) & refused
+        assert len(stored_anyway) <= 1, f"{len(stored_anyway)} refused slices were scored"
+        print(f"\nredis restart: {len(ok)} stored, {len(refused)} refused with 0xA700 while down "
+              f"({len(stored_anyway)} of them stored before the reply was lost); "
               f"listener stored again {first_ok_after - restarted:.2f} s after the restart; "
               f"every stored slice scored {waited:.1f} s after the sender finished")
     finally:

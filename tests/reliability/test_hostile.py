@@ -227,8 +227,9 @@ def decode_outcome(data: bytes, size: int = DECODE_SIZE) -> tuple[str, float]:
 def _decode_outcome(data: bytes, size: int) -> tuple[str, float]:
     tracemalloc.start()
     try:
-        image = imaging.load_slice(data, size)
-        if image.shape != (size, size, 3) or image.dtype != np.float32:
+        images = [frame.image for frame in imaging.load_frames(data, size)]   # as the worker does
+        image = np.stack(images)
+        if image.shape[1:] != (size, size, 3) or image.dtype != np.float32:
             result = f"bad shape {image.shape} {image.dtype}"
         elif not np.isfinite(image).all():
             result = "nonfinite"
@@ -288,7 +289,7 @@ def test_listener_outcome(run, name):
 @pytest.mark.parametrize("name", [pytest.param(c.name, marks=_xfail(c.decoder_bug) if c.decoder_bug else ())
                                   for c in HOSTILE])
 def test_decoder_contract(name):
-    """Whatever the bytes (even those the listener refuses), the worker's `load_slice` returns
+    """Whatever the bytes (even those the listener refuses), the worker's `load_frames` returns
     a finite [0, 1] float32 image or raises SliceError with a known reason, in bounded memory."""
     result, peak = decode_outcome(hostile.case_part10(BY_NAME[name]))
     assert result == "ok" or result in imaging.REASONS, result
@@ -413,10 +414,10 @@ def _metas(run, sent: list[Sent]):
 
 def test_queued_slices_are_scored_or_failed_alone_by_the_worker(run, scorer):
     """Every slice the listener queued, in one batch: good slices are scored with finite
-    probabilities, the others fail alone with the reason `load_slice` gives."""
+    probabilities, the others fail alone with the reason `load_frames` gives."""
     queued = [s for s in run.sent.values() if s.outcome == "queued"]
     metas = _metas(run, queued)
-    images, ok, failed = scorer.pre_process(metas)
+    images, pending, failed = scorer.pre_process(metas)
     by_token = {s.token: s for s in queued}
     errors = {f.meta.token: f.error for f in failed}
     for token, s in by_token.items():
@@ -424,10 +425,10 @@ def test_queued_slices_are_scored_or_failed_alone_by_the_worker(run, scorer):
         got = errors.get(token, "ok")
         assert got == expected or (expected == "nonfinite" and got == "ok"), s.case.name
     probabilities = scorer.predict(images)
-    good = [i for i, m in enumerate(ok) if by_token[m.token].case.name.startswith("good_")]
+    good = [i for i, r in enumerate(pending) if by_token[r.meta.token].case.name.startswith("good_")]
     assert len(good) == sum(s.case.name.startswith("good_") for s in queued) >= 10
     assert np.isfinite(probabilities[good]).all()
-    scorer.post_process(ok, probabilities, failed)
+    scorer.post_process(pending, probabilities, failed)
     results = {r["sop_instance_uid"]: r for r in scorer.studies.results(hostile.STUDY)}
     for s in queued:
         if s.case.name.startswith("good_") and s.case.name != "good_0":  # good_0's UID is reused
@@ -442,8 +443,8 @@ def test_a_poison_slice_fails_alone_not_its_batch(run, scorer):
     fails alone; its batch is scored."""
     batch = [run.sent["good_1"], run.sent["slope_invalid_vr"], run.sent["good_2"]]
     assert [s.outcome for s in batch] == ["queued"] * 3
-    images, ok, failed = scorer.pre_process(_metas(run, batch))
-    assert len(ok) == 2 and [f.error for f in failed] == ["undecodable"]
+    images, pending, failed = scorer.pre_process(_metas(run, batch))
+    assert len(pending) == 2 and [f.error for f in failed] == ["undecodable"]
 
 
 # --- property: mutated headers of a valid slice ------------------------------------------

@@ -1,6 +1,7 @@
 """The phantom generator: valid DICOM, exact RSNA layout, labels that match the pixels."""
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -301,17 +302,26 @@ def test_cli_writes_a_dataset_and_refuses_to_mix_into_one(tmp_path, capsys):
 # ----------------------------------------------------------------------------- sites
 
 
-def test_legacy_site_is_the_generator_before_sites_byte_for_byte():
-    """Datasets written before sites existed can be regenerated exactly (digest recorded from
-    the generator of commit fc1ebac)."""
-    digest = hashlib.sha256()
+def test_legacy_site_is_the_generator_before_sites():
+    """Datasets written before sites existed can be regenerated: headers byte for byte, pixels
+    to within float rounding. A digest of whole files (recorded from commit fc1ebac's generator)
+    held on the machine it was recorded on and failed on another with the same code: numpy's
+    SIMD sin/exp/hypot differ in the last bit between CPUs, so a few pixels round the other
+    way. A real change of the generator moves these sums by far more than the tolerance."""
+    headers, sums = hashlib.sha256(), []
     for index in range(3):
         for sl in make_study(3, index, slices=(4, 6), site="legacy"):
-            digest.update(to_bytes(sl.dataset))
-    assert digest.hexdigest() == LEGACY_DIGEST
+            ds = copy.copy(sl.dataset)
+            sums.append(int(ds.pixel_array.astype(np.int64).sum()))
+            del ds.PixelData
+            headers.update(to_bytes(ds))
+    assert headers.hexdigest() == LEGACY_HEADERS
+    assert np.abs(np.array(sums) - LEGACY_PIXEL_SUMS).max() <= 256, sums
 
 
-LEGACY_DIGEST = "ce2b7c50beeeca84b8d2361634b71123f2a0d7229eb28a24012d43897146a48c"
+LEGACY_HEADERS = "c9b86053addff9e99a643e51a72ef4c5e5fa302adc2e238f5bd71fdce902e376"
+LEGACY_PIXEL_SUMS = np.array([41736561, 95111565, 119029537, 115194973, 83452446, 20088113, 42391153,
+                              120173368, 113226076, 19943673, -73584875, -1775186, -8153309, -94640754])
 
 
 @pytest.mark.parametrize("name", ["randomised", "site-d", "site-e"])
