@@ -96,9 +96,11 @@ def _url_list(raw: str) -> tuple[str, ...]:
 def _destination(raw: str) -> str:
     """`AET@host:port`, a DICOM Storage SCP that receives our results (issue 15)."""
     value = raw.strip()
-    aet, at, address = value.partition("@")
-    host, colon, port = address.rpartition(":")
-    if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        aet, host, port = parse_destination(value)
+    except ValueError:
+        raise ValueError(f"expected AET@host:port, got {value!r}") from None
+    if not host or not 0 < port < 65536:
         raise ValueError(f"expected AET@host:port, got {value!r}")
     _ae_title(aet)
     return value
@@ -109,9 +111,11 @@ def _destination_list(raw: str) -> tuple[str, ...]:
 
 
 def parse_destination(value: str) -> tuple[str, str, int]:
-    """`AET@host:port` → (AE title, host, port)."""
-    aet, _, address = value.partition("@")
-    host, _, port = address.rpartition(":")
+    """`AET@host:port` → (AE title, host, port); ValueError when it is not that shape."""
+    aet, at, address = value.partition("@")
+    host, colon, port = address.rpartition(":")
+    if not at or not colon or not port.isdigit():
+        raise ValueError(value)
     return aet, host, int(port)
 
 

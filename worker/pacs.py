@@ -270,8 +270,3 @@ def _reference(header: Dataset, sop_instance_uid: str, sop_class_uid: str, serie
     ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = sop_class_uid, sop_instance_uid, series_uid
     return ds
 
-
-def to_bytes(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()

@@ -124,8 +124,9 @@ class Scorer:
     # --- one batch ---------------------------------------------------------------------------
 
     def score(self, metas: list[SliceMeta]) -> list[str]:
-        """Score and record a batch; returns the studies it touched (the caller then asks `due_alert` of each, outside its re-send guard: once results are
-        recorded and their bytes dropped, re-sending the batch would only lose them)."""
+        """Score and record a batch; returns the studies it touched (the caller then asks
+        `due_alert` of each, outside its re-send guard: once results are recorded and their
+        bytes dropped, re-sending the batch would only lose them)."""
         started = time.time()
         for m in metas:
             metrics.queue_wait.observe(max(0.0, started - m.received_at))

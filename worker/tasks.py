@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import asdict
 
 import requests
 from celery import signals
@@ -143,18 +144,26 @@ def deliver_alert(self, alert: dict, url: str) -> None:
         if alert["kind"] == FIRST_POSITIVE:
             metrics.time_to_alert.observe(time.time() - alert["received_at"])
         return
-    attempt = self.request.retries + 1
-    if outcome.retry and attempt < settings.webhook_max_attempts:
-        metrics.deliveries.labels("retry").inc()
-        delay = outcome.retry_after or alerts.backoff(self.request.retries, settings.webhook_backoff_s)
-        log.warning("alert %s to consumer %d: %s, retry %d in %.1f s", alert["alert_id"],
-                    _consumer_index(url), outcome.detail, attempt, delay)
-        raise self.retry(countdown=delay)
-    metrics.deliveries.labels("dead_letter").inc()
-    log.error("alert %s to consumer %d dead-lettered after %d attempt(s): %s", alert["alert_id"],
-              _consumer_index(url), attempt, outcome.detail)
-    dead_letter({"alert": alert, "url_index": _consumer_index(url), "attempts": attempt,
-                 "last_error": outcome.detail, "dead_at": time.time()})
+    _retry_or_dead_letter(self, alert, metrics.deliveries, "consumer", "url_index",
+                          _consumer_index(url), outcome.detail, outcome.retry, outcome.retry_after)
+
+
+def _retry_or_dead_letter(task, alert: dict, counter, what: str, field: str, index: int,
+                          detail: str, retry: bool = True, retry_after: float | None = None) -> None:
+    """One failed delivery (webhook or DICOM result): retry with backoff while attempts are
+    left, else keep it in the dead letters under the target's position in its setting."""
+    attempt = task.request.retries + 1
+    if retry and attempt < settings.webhook_max_attempts:
+        counter.labels("retry").inc()
+        delay = retry_after or alerts.backoff(task.request.retries, settings.webhook_backoff_s)
+        log.warning("alert %s to %s %d: %s, retry %d in %.1f s", alert["alert_id"], what, index,
+                    detail, attempt, delay)
+        raise task.retry(countdown=delay)
+    counter.labels("dead_letter").inc()
+    log.error("alert %s to %s %d dead-lettered after %d attempt(s): %s", alert["alert_id"], what,
+              index, attempt, detail)
+    dead_letter({"alert": alert, field: index, "attempts": attempt, "last_error": detail,
+                 "dead_at": time.time()})
 
 
 @app.task(name=RESULT_TASK, queue=keys.ALERTS_QUEUE, bind=True, acks_late=True,
@@ -197,27 +206,15 @@ def _deliver_result(self, pacs, alert: dict, destination: str, index: int, sent_
     if stored:
         sr = datasets[0]
         pipe = redis_client.pipeline(transaction=True)
-        pipe.hset(sent_key, destination, json.dumps(
-            {"digest": digest, "kind": alert["kind"], "sr_sop_instance_uid": sr.SOPInstanceUID,
-             "sr_series_instance_uid": sr.SeriesInstanceUID}))
+        pipe.hset(sent_key, destination, json.dumps(asdict(
+            pacs.Sent(digest, alert["kind"], sr.SOPInstanceUID, sr.SeriesInstanceUID))))
         pipe.expire(sent_key, settings.result_ttl_s)
         pipe.execute()
         metrics.results.labels("stored").inc()
         log.info("alert %s: %d DICOM object(s) stored at destination %d", alert["alert_id"],
                  len(datasets), index)
         return
-    attempt = self.request.retries + 1
-    if attempt < settings.webhook_max_attempts:
-        metrics.results.labels("retry").inc()
-        delay = alerts.backoff(self.request.retries, settings.webhook_backoff_s)
-        log.warning("alert %s to destination %d: %s, retry %d in %.1f s", alert["alert_id"], index,
-                    detail, attempt, delay)
-        raise self.retry(countdown=delay)
-    metrics.results.labels("dead_letter").inc()
-    log.error("alert %s to destination %d dead-lettered after %d attempt(s): %s",
-              alert["alert_id"], index, attempt, detail)
-    dead_letter({"alert": alert, "destination": index, "attempts": attempt, "last_error": detail,
-                 "dead_at": time.time()})
+    _retry_or_dead_letter(self, alert, metrics.results, "destination", "destination", index, detail)
 
 
 def _destination_index(destination: str) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ich import keys, labels
-from ich.settings import Settings, SettingsError, table
+from ich.settings import Settings, SettingsError, parse_destination, table
 
 DESIGN_VARIABLES = {
     "ICH_REDIS_URL": "redis://127.0.0.1:6379/0", "ICH_AE_TITLE": "ICHWATCH",
@@ -47,6 +47,12 @@ def test_overrides_win_and_none_means_not_given():
         Settings.from_env({}, nope=1)
 
 
+def test_result_destinations_parse():
+    s = Settings.from_env({"ICH_RESULT_DESTINATIONS": "PACS@10.0.0.5:104, ORTHANC@pacs.local:4242"})
+    assert s.result_destinations == ("PACS@10.0.0.5:104", "ORTHANC@pacs.local:4242")
+    assert parse_destination(s.result_destinations[1]) == ("ORTHANC", "pacs.local", 4242)
+
+
 @pytest.mark.parametrize("name, value", [
     ("ICH_DICOM_PORT", "abc"), ("ICH_DICOM_PORT", "70000"), ("ICH_BATCH_MAX", "0"),
     ("ICH_AE_TITLE", "A_TITLE_LONGER_THAN_16"), ("ICH_AE_TITLE", "BAD\\AE"),
@@ -54,6 +60,9 @@ def test_overrides_win_and_none_means_not_given():
     ("ICH_WEBHOOK_URLS", "ftp://x/y"), ("ICH_STUDY_QUIET_S", "-1"), ("ICH_LOG_LEVEL", "LOUD"),
     ("ICH_THRESHOLD_ANY", "1.5"),
     ("ICH_THRESHOLD_BLEED", "0.2"), ("ICH_VISIBILITY_TIMEOUT_S", "7200"),
+    ("ICH_RESULT_DESTINATIONS", "PACS@host"), ("ICH_RESULT_DESTINATIONS", "host:104"),
+    ("ICH_RESULT_DESTINATIONS", "PACS@:104"), ("ICH_RESULT_DESTINATIONS", "PACS@host:0"),
+    ("ICH_RESULT_DESTINATIONS", "A_TITLE_LONGER_THAN_16@host:104"), ("ICH_LISTENER_PROCESSES", "0"),
 ])
 def test_bad_value_is_an_error_naming_the_variable(name, value):
     with pytest.raises(SettingsError, match=re.escape(name)):

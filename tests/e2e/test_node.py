@@ -160,7 +160,7 @@ def test_an_enhanced_ct_study_alerts_as_its_classic_twin(node):
         multi = enhanced_ct(twin_ds, enhanced=True)
         multi.StudyInstanceUID = twin = generate_uid()
         (tmp / f"twin-{name}").mkdir()
-        (tmp / f"twin-{name}" / "enhanced.dcm").write_bytes(to_bytes_ds(multi))
+        (tmp / f"twin-{name}" / "enhanced.dcm").write_bytes(to_bytes(multi))
         studies[name] = (classic, twin, len(slices))
         for folder in (f"classic-{name}", f"twin-{name}"):
             result = subprocess.run(["storescu", "-aec", "ICHWATCH", "+sd", "127.0.0.1",
@@ -183,10 +183,3 @@ def test_an_enhanced_ct_study_alerts_as_its_classic_twin(node):
         assert [s["instance_number"] for s in a["positive_slices"]] == \
                [s["frame_number"] for s in b["positive_slices"]]
 
-
-def to_bytes_ds(ds) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()

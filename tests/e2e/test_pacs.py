@@ -124,6 +124,8 @@ def test_sr_and_key_image_reach_the_pacs_once_it_is_back(tmp_path):
         if len(srs) == 2:   # a later result supersedes the earlier one
             assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
                 .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == srs[0]["SOPInstanceUID"]
+        else:               # the summary said what the first_positive said: not sent again
+            assert p.metrics("alerts")['ich_dicom_results_total{outcome="unchanged"}'] >= 1
         # dciodvfy (dicom3tools) finds no error in what we stored.
         for instance in positive + negative:
             path = tmp_path / f"{instance['id']}.dcm"
