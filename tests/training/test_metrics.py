@@ -117,3 +117,22 @@ def test_verdict_refuses_a_model_no_better_than_the_prevalence():
     result = evaluate.metrics(y, blind, DEFAULT_THRESHOLDS)
     assert result["per_label"]["any"]["auc"] < evaluate.MIN_ANY_AUC
     assert not evaluate.verdict(result)["passed"]
+
+
+
+def test_verdict_needs_enough_held_out_slices_to_tell_learning_from_luck():
+    """The CI incident: random labels, one 9-slice test study, AUC and loss ratio good by luck."""
+    y = np.zeros((9, 6), np.float32)
+    y[:3, -1] = y[:3, 4] = 1
+    lucky = np.full(y.shape, 0.02, np.float32)
+    lucky[:, -1] = lucky[:, 4] = [0.6, 0.5, 0.3, 0.35, 0.2, 0.1, 0.1, 0.1, 0.05]
+    result = evaluate.metrics(y, lucky, DEFAULT_THRESHOLDS)
+    assert result["per_label"]["any"]["auc"] >= evaluate.MIN_ANY_AUC
+    assert result["weighted_log_loss"] <= evaluate.MAX_LOSS_RATIO * result["prevalence_log_loss"]
+    small = evaluate.verdict(result)
+    assert not small["passed"] and small["reasons"] == [
+        "too few held-out slices to judge: 3 any-positive and 6 negative (need >= 10 of each: "
+        "train on more studies)"]
+    # The same separation on ten times the slices: passed.
+    big = evaluate.verdict(evaluate.metrics(np.tile(y, (10, 1)), np.tile(lucky, (10, 1)), DEFAULT_THRESHOLDS))
+    assert big["passed"], big["reasons"]
