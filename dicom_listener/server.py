@@ -145,8 +145,15 @@ class ListenerServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """pynetdicom does the TLS handshake here, in the one accepting thread: a TCP probe or
         a slow client that never speaks TLS would stop every other sender. Defer it to the
-        association's own thread (OpenSSL completes it on the first read)."""
+        association's own thread (OpenSSL completes it on the first read).
+
+        Python makes an accepted socket blocking, without the listening socket's timeout, and
+        pynetdicom reads a PDU's body with blocking `recv` calls: a peer that sent a header
+        and stalled held its thread and association slot forever (issue 14). Every read and
+        write of a connection now gives up after ICH_DICOM_TIMEOUT_S (PS3.8 §9.1.5's ARTIM
+        spirit; pynetdicom then treats it as the transport closing, Evt17)."""
         client, address = self.socket.accept()
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)

@@ -42,6 +42,10 @@ class Window(NamedTuple):
 #: Brain, subdural and soft-tissue windows: the three input channels, in this order.
 WINDOWS: tuple[Window, ...] = (Window(40, 80), Window(80, 200), Window(40, 380))
 
+#: Bump when `load_hu`'s output changes (rescale, padding, resize): prepared training caches
+#: (training.prepare) record it and are refused when it differs, so train and serve cannot drift.
+PREPROCESSING_VERSION = 1
+
 #: Every reason code `SliceError` can carry; metric labels and logs use these.
 REASONS = frozenset({
     "undecodable",              # not DICOM, or the pixel codec failed
@@ -264,10 +268,17 @@ def _rescale(ds: Dataset, stored: np.ndarray, slope: float, intercept: float) ->
     return hu
 
 
-def windows(hu: np.ndarray, windows: tuple[Window, ...] = WINDOWS) -> np.ndarray:
-    """HU (H, W) → (H, W, len(windows)) float32, each channel clipped to its window, in [0, 1]."""
+def window_bounds(windows: tuple[Window, ...] = WINDOWS) -> tuple[np.ndarray, np.ndarray]:
+    """(lows, widths) float32 of each window: channel = clip((HU − low) / width, 0, 1). The
+    training pipeline applies the same arithmetic in TensorFlow on prepared HU."""
     lows = np.array([w.level - w.width / 2 for w in windows], dtype=np.float32)
     widths = np.array([w.width for w in windows], dtype=np.float32)
+    return lows, widths
+
+
+def windows(hu: np.ndarray, windows: tuple[Window, ...] = WINDOWS) -> np.ndarray:
+    """HU (H, W) → (H, W, len(windows)) float32, each channel clipped to its window, in [0, 1]."""
+    lows, widths = window_bounds(windows)
     out = hu[..., None] - lows
     out /= widths
     return np.clip(out, 0.0, 1.0, out=out)

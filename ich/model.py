@@ -65,6 +65,8 @@ class ModelCard:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     metrics: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    # How it was trained: strategy, replicas, global batch, learning rate, precision, run folder.
+    training: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
 
     def validate(self) -> None:
@@ -128,7 +130,8 @@ def build_model(engine: str = "InceptionV3", input_size: int = 224, weights: str
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = bn_momentum
-    outputs = keras.layers.Dense(len(LABELS), activation="sigmoid", name="ich")(base(x))
+    # float32 whatever the dtype policy: mixed-precision training keeps its probabilities exact
+    outputs = keras.layers.Dense(len(LABELS), activation="sigmoid", name="ich", dtype="float32")(base(x))
     return keras.Model(inputs, outputs, name=f"ich_{engine.lower()}")
 
 

@@ -54,9 +54,12 @@ class TrainConfig:
     bn_recalibrate: int = 0                  # batches of BN statistics recomputed before validation
     validate_from: int = 1                   # first epoch validated (and eligible as best)
     positive_fraction: float | None = None   # share of `any`-positive images per batch (None: natural)
-    # input pipeline
-    workers: int = 2                         # parallel DICOM decoders
-    cache: bool | None = False               # keep decoded training images in memory; None = auto
+    # input pipeline and devices
+    workers: int | None = None               # decoding processes (prepare) and threads; None = every core
+    cache_dir: str | None = None             # the prepared cache of a DICOM folder (default data/cache/...)
+    strategy: str = "auto"                   # training.distribute.STRATEGIES
+    mixed_precision: str = "none"            # none | bf16 | fp16
+    resume: str | None = None                # a run folder (<out>/runs/<version>) to continue
     platt: bool = True                       # per-label Platt scaling fitted on calibration
     context: bool = False                    # also train and measure the slice-context head
     # thresholds and export
@@ -110,9 +113,20 @@ class TrainConfig:
             raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 0:
             raise ConfigError("steps_per_epoch must be >= 0 (0 = auto)")
-        for name in ("batch_size", "epochs", "decay_steps", "workers", "validate_from"):
+        for name in ("batch_size", "epochs", "decay_steps", "validate_from"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        from training.distribute import PRECISIONS, STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, not {self.mixed_precision!r}")
+        if self.weights not in ("none", "", "imagenet") and not Path(self.weights).is_file():
+            raise ConfigError(f"--weights {self.weights}: no such file (give a local weights file, "
+                              "imagenet where the internet is reachable, or none)")
         if self.learning_rate <= 0 or not 0 < self.decay_rate <= 1:
             raise ConfigError("learning_rate must be > 0 and decay_rate in (0, 1]")
         return self
@@ -135,7 +149,6 @@ SCRATCH_RECIPE: dict[str, Any] = {
     "bn_momentum": 0.9,          # running statistics that follow a fast-moving network...
     "bn_recalibrate": 10,        # ...and are recomputed exactly before every validation
     "validate_from": 6,          # early epochs are never the best; their validation time trains
-    "cache": None,               # auto: keep decoded images when they fit in CACHE_BUDGET_BYTES
     "target_recall": 0.95,
     "hu_augment": "all",         # scanners differ in HU: calibration, kernel, noise (issue 12)
     "site_studies": 60,          # phantoms only: figures on the held-out site-d as well
@@ -143,29 +156,20 @@ SCRATCH_RECIPE: dict[str, Any] = {
 SYNTHETIC_RECIPE = SCRATCH_RECIPE   # the name earlier versions used
 #: Named recipes: `reference` is the RSNA 2019 Keras baseline as it was (for parity, or for
 #: fine-tuning from ImageNet weights, where its lower learning rate belongs).
-RECIPES: dict[str, dict[str, Any]] = {"scratch": SCRATCH_RECIPE, "reference": {"cache": False}}
+RECIPES: dict[str, dict[str, Any]] = {"scratch": SCRATCH_RECIPE, "reference": {}}
 #: Minimum steps per epoch of an automatic schedule, and passes over the data in all.
 AUTO_MIN_STEPS, AUTO_PASSES = 60, 3
-#: Decoded slices kept in memory by `cache` auto (float32 HU, size² × 4 bytes each).
-CACHE_BUDGET_BYTES = 4 << 30
 
 
-def steps_per_epoch(config: "TrainConfig", train_images: int) -> int | None:
+def steps_per_epoch(config: "TrainConfig", train_images: int, replicas: int = 1) -> int | None:
     """Resolve `steps_per_epoch`: None = one pass per epoch (reference); 0 = auto, at least
     AUTO_MIN_STEPS and about AUTO_PASSES passes over the training images over all epochs (a
     from-scratch network needs a few hundred steps however small the data; a large set gets
-    three passes)."""
+    three passes), at the global batch (per-replica batch × replicas)."""
     if config.steps_per_epoch != 0:
         return config.steps_per_epoch
-    passes = math.ceil(AUTO_PASSES * train_images / (config.batch_size * config.epochs))
+    passes = math.ceil(AUTO_PASSES * train_images / (config.batch_size * replicas * config.epochs))
     return max(AUTO_MIN_STEPS, passes)
-
-
-def use_cache(config: "TrainConfig", train_images: int) -> bool:
-    """Resolve `cache`: None = auto, on when the decoded training images fit the budget."""
-    if config.cache is not None:
-        return config.cache
-    return train_images * config.input_size ** 2 * 4 <= CACHE_BUDGET_BYTES
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -221,9 +225,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hu-augment", metavar="OPS",
                    help="augmentation in HU before windowing: all | none | comma list of "
                         "calibration,kernel,noise (default all with the scratch recipe)")
-    p.add_argument("--cache", action=argparse.BooleanOptionalAction,
-                   help="keep decoded training images in memory after their first read")
-    p.add_argument("--workers", type=int, help="parallel DICOM decoders")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where the prepared cache of a DICOM --data folder goes (default "
+                        "data/cache/<folder>-<hash>-<input size>); --data may also name a cache "
+                        "made by python -m training.prepare")
+    p.add_argument("--workers", type=int, help="decoding processes (default: every core)")
+    p.add_argument("--strategy", help="auto (multi-worker from TF_CONFIG, else every GPU, else "
+                   "one device) | mirrored | multi-worker | none")
+    p.add_argument("--mixed-precision", choices=("none", "bf16", "fp16"),
+                   help="mixed precision (bf16: Ampere or newer GPUs, TPUs); the artifact is float32")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its folder (<out>/runs/<version>): its "
+                        "config.json, checkpoint and best epoch; flags given override the config")
     p.add_argument("--split", choices=("slice", "study"))
     p.add_argument("--target-recall", type=float, metavar="R",
                    help="per label, the highest STUDY threshold with calibration study recall >= R "
@@ -254,6 +267,8 @@ def parser() -> argparse.ArgumentParser:
 def load(argv: list[str] | None = None) -> TrainConfig:
     """Resolve the configuration of one run: defaults, recipe, file, then flags."""
     args = vars(parser().parse_args(argv))
+    if "resume" in args:
+        return _resumed(args)
     config_file = args.pop("config", None)
     from_file = read_toml(config_file) if config_file else {}
     chosen = {**from_file, **args}
@@ -265,6 +280,20 @@ def load(argv: list[str] | None = None) -> TrainConfig:
     if name not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, not {name!r}")
     values = {**RECIPES[name], **chosen, "recipe": name}
+    if "synthetic_slices" in values:
+        values["synthetic_slices"] = tuple(values["synthetic_slices"])
+    return TrainConfig(**values).validate()
+
+
+def _resumed(args: dict[str, Any]) -> TrainConfig:
+    """The configuration a run folder recorded, with the flags given now on top."""
+    run = Path(args["resume"])
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run}: not a run folder with a config.json ({exc})") from None
+    args.pop("config", None)
+    values = {k: v for k, v in {**saved, **args}.items() if k in _FIELDS}
     if "synthetic_slices" in values:
         values["synthetic_slices"] = tuple(values["synthetic_slices"])
     return TrainConfig(**values).validate()

@@ -31,16 +31,15 @@ def feature_model(model):
     return keras.Model(model.input, [model.output, model.get_layer(OUTPUT_LAYER).input])
 
 
-def embed(model, slices, decoder, batch_size: int = 32, workers: int = 2):
-    """(rows, probabilities, features) of every decodable slice, in inference mode."""
+def embed(model, batches):
+    """(rows, probabilities, features) of every slice an inference pipeline yields as
+    (images, row indices), in inference mode."""
     import tensorflow as tf
-
-    from training.data import dataset
 
     both = feature_model(model)
     forward = tf.function(lambda x: both(x, training=False), reduce_retracing=True)
     rows, probs, feats = [], [], []
-    for images, index in dataset(slices, decoder, batch_size, training=False, workers=workers):
+    for images, index in batches:
         p, f = forward(images)
         rows.append(index.numpy())
         probs.append(np.asarray(p))
@@ -147,21 +146,21 @@ def fit_head(train: Sequences, calib: Sequences, epochs: int = 12, lr: float = 1
     return head, history
 
 
-def measure(model, parts: dict, input_size: int, target_recall: float | None, candidates,
-            epochs: int = 12, seed: int = 0, workers: int = 2) -> tuple[object, dict]:
+def measure(model, parts: dict, target_recall: float | None, candidates,
+            epochs: int = 12, seed: int = 0) -> tuple[object, dict]:
     """Train the head on `parts["train"]`, choose its study rule and thresholds on
     `parts["calibration"]`, and report study figures on every other part (test, held-out
     sites), as `training.evaluate.figures` does for the slice model. `parts`: name →
-    (Slices, Headers). Returns (head, the figures for model.json)."""
+    (Slices, Headers, inference pipeline of (images, row indices)). Returns (head, the figures
+    for model.json)."""
     import time
 
     from training import evaluate, studies
-    from training.data import Decoder
 
     started = time.perf_counter()
     seqs, headers = {}, {}
-    for name, (slices, h) in parts.items():
-        rows, p, f = embed(model, slices, Decoder(slices.paths, input_size), workers=workers)
+    for name, (slices, h, batches) in parts.items():
+        rows, p, f = embed(model, batches)
         headers[name] = h.take(rows)
         seqs[name] = Sequences(runs(headers[name]), slices.labels[rows], p, f)
     head, history = fit_head(seqs["train"], seqs["calibration"], epochs=epochs, seed=seed)
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from ich.model import load_artifact
-    from training.data import read_trainset, slice_headers, split
+    from training.data import Decoder, dataset, read_trainset, slice_headers, split
     from training.studies import candidates
 
     p = argparse.ArgumentParser(prog="python -m training.context", description=main.__doc__.splitlines()[0])
@@ -207,16 +206,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, card = load_artifact(args.model)
+
+    def from_dicom(slices):
+        return dataset(slices, Decoder(slices.paths, card.input_size), 32, training=False)
+
     slices = read_trainset(args.data)
     headers = slice_headers(slices.paths)
     train, calib, test = split(slices, args.split, headers.studies)
-    parts = {name: (slices.take(rows), headers.take(rows))
+    parts = {name: (slices.take(rows), headers.take(rows), from_dicom(slices.take(rows)))
              for name, rows in (("train", train), ("calibration", calib), ("test", test))}
     for folder in args.heldout:
         held = read_trainset(folder)
-        parts[f"heldout:{folder.name}"] = (held, slice_headers(held.paths))
-    _, report = measure(model, parts, card.input_size, args.target_recall, candidates("auto"),
-                        epochs=args.epochs)
+        parts[f"heldout:{folder.name}"] = (held, slice_headers(held.paths), from_dicom(held))
+    _, report = measure(model, parts, args.target_recall, candidates("auto"), epochs=args.epochs)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

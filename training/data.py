@@ -1,10 +1,11 @@
-"""RSNA-layout data: the label table, the train/validation split and the streaming input pipeline.
+"""RSNA-layout data: the label table, the train/calibration/test split, augmentation, and the
+DICOM input pipeline used to score folders.
 
-The pipeline decodes every slice with `ich.imaging.load_slice`, the function the worker calls,
-so training and serving cannot drift. A slice that cannot be decoded is skipped and reported
-(`Decoder.skipped`), never turned into a black image labelled "no bleed" as the RSNA baseline
-did. Augmentation runs on whole batches in TensorFlow, where it costs little next to a training
-step.
+Training reads a prepared cache (`training.cache`, written by `python -m training.prepare`
+with `ich.imaging.load_hu`, the function the worker calls, so training and serving cannot
+drift); folders are scored straight from DICOM by `Decoder` + `dataset`. A slice that cannot be
+decoded is skipped and reported, never turned into a black image labelled "no bleed" as the
+RSNA baseline did. Augmentation runs on whole batches in TensorFlow.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ich.imaging import SliceError, load_hu, windows
+from ich.imaging import SliceError, load_slice
 from ich.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,15 @@ class Slices:
     ids: np.ndarray          # (n,) image ids "ID_<hex>"
     paths: np.ndarray        # (n,) DICOM file paths
     labels: np.ndarray       # (n, 6) float32 in LABELS order
+    rows: np.ndarray | None = None   # (n,) rows of a prepared cache (training.cache), if any
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def take(self, index) -> "Slices":
         index = np.asarray(index)
-        return Slices(self.ids[index], self.paths[index], self.labels[index])
+        return Slices(self.ids[index], self.paths[index], self.labels[index],
+                      None if self.rows is None else self.rows[index])
 
     def prevalence(self) -> np.ndarray:
         return self.labels.mean(axis=0) if len(self) else np.zeros(len(LABELS), np.float32)
@@ -242,20 +245,24 @@ def study_uids(paths) -> np.ndarray:
 
 #: HU-space augmentations (`HUAugment`), in the order they are applied.
 HU_AUGMENTS = ("calibration", "kernel", "noise")
+#: Taps either side of the Gaussian kernels (scipy's truncate=4 at the largest sigma, 1.2 px).
+BLUR_RADIUS = 5
 
 
 @dataclass(frozen=True)
 class HUAugment:
-    """What differs between scanners, applied to a slice's HU before windowing, where it
-    happens (after windowing, a 6 HU calibration error is a brightness change the clip hides
-    in one window and not another). Each op runs on half of the slices:
+    """What differs between scanners, applied to a batch of slices' HU before windowing, where
+    it happens (after windowing, a 6 HU calibration error is a brightness change the clip hides
+    in one window and not another). Each op runs on half of the slices, drawn per slice:
 
     - `calibration`: HU x U(0.98, 1.02) + U(-4, 4) (water drifts a few HU between scanners);
     - `kernel`: Gaussian blur sigma U(0.3, 1.0) px, or unsharp masking of gain U(0.2, 0.8)
-      (soft to sharp reconstruction kernels);
+      over sigma 1 px (soft to sharp reconstruction kernels);
     - `noise`: Gaussian noise of SD U(0.5, 3) HU at the input size, white or correlated over
       U(0.5, 1.2) px (dose and noise texture).
 
+    TensorFlow ops with stateless randomness (`tf(hu, seed)`): the same seed gives the same
+    batch, and nothing runs in Python per image.
     Measured (docs/training.md, "Sites"): widening `kernel` to gain 1.0 and `noise` to 5 HU
     over 1.5 px made the held-out figures worse, not better.
     """
@@ -267,24 +274,59 @@ class HUAugment:
         if unknown:
             raise ValueError(f"unknown HU augmentations {sorted(unknown)}; expected from {HU_AUGMENTS}")
 
-    def __call__(self, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        from scipy.ndimage import gaussian_filter
+    def tf(self, hu, seed):
+        """(B, S, S) float32 HU, a (2,) int64 seed → augmented HU of the same shape."""
+        import tensorflow as tf
 
-        hu = np.array(hu, np.float32)             # never the cached array
-        if "calibration" in self.ops and rng.random() < 0.5:
-            hu = hu * np.float32(rng.uniform(0.98, 1.02)) + np.float32(rng.uniform(-4, 4))
-        if "kernel" in self.ops and rng.random() < 0.5:
-            if rng.random() < 0.5:
-                hu = gaussian_filter(hu, rng.uniform(0.3, 1.0), mode="nearest")
-            else:
-                hu = hu + np.float32(rng.uniform(0.2, 0.8)) * (hu - gaussian_filter(hu, 1.0, mode="nearest"))
-        if "noise" in self.ops and rng.random() < 0.5:
-            noise = rng.standard_normal(hu.shape, np.float32)
-            if rng.random() < 0.5:
-                noise = gaussian_filter(noise, rng.uniform(0.5, 1.2), mode="wrap")
-                noise /= max(float(noise.std()), 1e-6)
-            hu = hu + np.float32(rng.uniform(0.5, 3)) * noise
+        n = tf.shape(hu)[0]
+        seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 16)))
+
+        def uniform(lo, hi):
+            return tf.random.stateless_uniform([n], next(seeds), lo, hi)
+
+        def half():
+            return uniform(0.0, 1.0) < 0.5
+
+        def per_slice(v):
+            return v[:, None, None]
+
+        if "calibration" in self.ops:
+            on = half()
+            scale, offset = uniform(0.98, 1.02), uniform(-4.0, 4.0)
+            hu = hu * per_slice(tf.where(on, scale, 1.0)) + per_slice(tf.where(on, offset, 0.0))
+        if "kernel" in self.ops:
+            on, blur = half(), half()
+            sigma = tf.where(blur, uniform(0.3, 1.0), 1.0)
+            gain = tf.where(on, tf.where(blur, -1.0, uniform(0.2, 0.8)), 0.0)
+            # blur: hu - (hu - G*hu) = G*hu; unsharp: hu + g (hu - G*hu); off: g = 0
+            hu = hu + per_slice(gain) * (hu - gaussian_blur(hu, sigma))
+        if "noise" in self.ops:
+            on, correlated = half(), half()
+            sd, sigma = uniform(0.5, 3.0), tf.where(correlated, uniform(0.5, 1.2), 0.0)
+            noise = gaussian_blur(tf.random.stateless_normal(tf.shape(hu), next(seeds)), sigma,
+                                  mode="REFLECT")
+            noise /= tf.maximum(tf.math.reduce_std(noise, axis=[1, 2], keepdims=True), 1e-6)
+            hu = hu + per_slice(tf.where(on, sd, 0.0)) * noise
         return hu
+
+
+def gaussian_blur(x, sigma, mode: str = "SYMMETRIC"):
+    """Per-slice Gaussian blur of (B, H, W) by sigma (B,) pixels (0: unchanged), separable,
+    one depthwise convolution pair for the whole batch (the batch becomes the channels)."""
+    import tensorflow as tf
+
+    taps = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=tf.float32)
+    s = tf.maximum(sigma, 1e-3)[:, None]
+    k = tf.exp(-0.5 * tf.square(taps[None, :] / s))
+    delta = tf.cast(tf.equal(taps, 0.0), tf.float32)[None, :]
+    k = tf.where((sigma > 0)[:, None], k / tf.reduce_sum(k, axis=1, keepdims=True), delta)  # (B, T)
+    k = tf.transpose(k)                                                    # (T, B)
+    x = tf.transpose(x, [1, 2, 0])[None]                                   # (1, H, W, B)
+    r = BLUR_RADIUS
+    x = tf.pad(x, [[0, 0], [r, r], [r, r], [0, 0]], mode=mode)
+    x = tf.nn.depthwise_conv2d(x, k[:, None, :, None], [1, 1, 1, 1], "VALID")
+    x = tf.nn.depthwise_conv2d(x, k[None, :, :, None], [1, 1, 1, 1], "VALID")
+    return tf.transpose(x[0], [2, 0, 1])
 
 
 def hu_augment(names: str | None) -> HUAugment | None:
@@ -295,48 +337,35 @@ def hu_augment(names: str | None) -> HUAugment | None:
     return HUAugment(ops)
 
 
+def tf_windows(hu):
+    """(..., S, S) HU → (..., S, S, 3) windows in [0, 1]: `ich.imaging.windows` in TensorFlow,
+    the same float32 arithmetic on the same bounds."""
+    import tensorflow as tf
+
+    from ich.imaging import window_bounds
+
+    lows, widths = window_bounds()
+    return tf.clip_by_value((hu[..., None] - lows) / widths, 0.0, 1.0)
+
+
 class Decoder:
-    """Index → windowed image via ich.imaging, thread-safe, recording the slices it skips.
+    """Index → windowed image via `ich.imaging.load_slice` (exactly what the worker computes),
+    thread-safe, recording the slices it skips. Scores DICOM folders; training reads a
+    prepared cache instead."""
 
-    With `cache`, decoded slices stay in memory as HU at the input size: later epochs cost no
-    decoding (small datasets only: 128² float32 is 64 KiB per slice). With `augment`
-    (training only), each read of a slice is augmented in HU before windowing, so a cached
-    slice still differs every epoch.
-    """
-
-    def __init__(self, paths, size: int, cache: bool = False, augment: HUAugment | None = None,
-                 seed: int = 0) -> None:
-        self.paths, self.size, self.cache, self.augment = list(paths), size, cache, augment
+    def __init__(self, paths, size: int) -> None:
+        self.paths, self.size = list(paths), size
         self.skipped: dict[str, str] = {}      # path → SliceError reason (or "missing")
-        self._images: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
-        self._seeds = np.random.SeedSequence(seed)
-        self._local = threading.local()
 
     def __call__(self, index) -> tuple[np.ndarray, bool]:
-        index = int(index)
-        hu = self._images.get(index)
-        if hu is None:
-            path = self.paths[index]
-            try:
-                hu = load_hu(path, self.size)
-            except SliceError as exc:
-                return self._skip(path, exc.reason)
-            except FileNotFoundError:
-                return self._skip(path, "missing")
-            if self.cache:
-                self._images[index] = hu
-        if self.augment is not None:
-            hu = self.augment(hu, self._rng())
-        return windows(hu), True
-
-    def _rng(self) -> np.random.Generator:
-        """One generator per decoding thread (Generators are not thread-safe)."""
-        rng = getattr(self._local, "rng", None)
-        if rng is None:
-            with self._lock:
-                rng = self._local.rng = np.random.default_rng(self._seeds.spawn(1)[0])
-        return rng
+        path = self.paths[int(index)]
+        try:
+            return load_slice(path, self.size), True
+        except SliceError as exc:
+            return self._skip(path, exc.reason)
+        except FileNotFoundError:
+            return self._skip(path, "missing")
 
     def _skip(self, path: str, reason: str) -> tuple[np.ndarray, bool]:
         with self._lock:
@@ -376,18 +405,39 @@ def positive_odds_ratio(slices: Slices, positive_fraction: float | None) -> floa
     return positive_fraction * (len(slices) - positives) / ((1 - positive_fraction) * positives)
 
 
+def index_dataset(positive, training: bool, seed: int = 0, positive_fraction: float | None = None):
+    """Positions 0..n-1 (n = len(positive)) in the order a pipeline reads them.
+
+    Training: reshuffled every epoch and repeated forever (use steps_per_epoch); with
+    `positive_fraction`, that share is drawn from the `any`-positive positions (rare bleeds
+    are seen more often within a fixed step budget; the trainer undoes the prior shift, see
+    `positive_odds_ratio`), unless all or none are positive. Otherwise: in order, once."""
+    import tensorflow as tf
+
+    positive = np.asarray(positive, bool)
+
+    def shuffled(rows, offset=0):
+        return (tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))
+                .shuffle(len(rows), seed=seed + offset, reshuffle_each_iteration=True).repeat())
+
+    if training and positive_fraction is not None and 0 < positive.sum() < len(positive):
+        return tf.data.Dataset.sample_from_datasets(
+            [shuffled(np.flatnonzero(positive)), shuffled(np.flatnonzero(~positive), 1)],
+            weights=[positive_fraction, 1 - positive_fraction], seed=seed)
+    if training:
+        return shuffled(np.arange(len(positive)))
+    return tf.data.Dataset.range(len(positive))
+
+
 def dataset(slices: Slices, decoder: Decoder, batch_size: int, *, training: bool,
             seed: int = 0, augment: bool = False, workers: int = 2,
             positive_fraction: float | None = None):
-    """A tf.data pipeline over `slices`: parallel decode → drop skipped slices → batch.
+    """A tf.data pipeline straight from DICOM: parallel decode → drop skipped slices → batch.
 
-    Training: reshuffled every epoch, repeated forever (use steps_per_epoch), full batches only
-    (a 3-image batch would upset BatchNorm), augmented; with `positive_fraction`, that share of
-    the images is drawn from the `any`-positive slices (rare bleeds are seen more often within
-    a fixed step budget; the trainer undoes the prior shift, see `positive_odds_ratio`), unless
-    the slices are all positive or all negative.
-    Otherwise: in order, once, yielding `(image, row index)` so predictions can be matched to
-    labels after skips.
+    Training (benchmarks only: `python -m training` reads a prepared cache): as
+    `index_dataset`, full batches (a 3-image batch would upset BatchNorm), augmented;
+    yields (images, labels). Otherwise: in order, once, yielding `(image, row index)` so
+    predictions can be matched to labels after skips.
     """
     import tensorflow as tf
 
@@ -400,19 +450,7 @@ def dataset(slices: Slices, decoder: Decoder, batch_size: int, *, training: bool
         ok.set_shape(())
         return image, ok, index
 
-    def shuffled(rows, offset=0):
-        return (tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))
-                .shuffle(len(rows), seed=seed + offset, reshuffle_each_iteration=True).repeat())
-
-    positive = slices.labels[:, -1] > 0.5
-    if training and positive_fraction is not None and 0 < positive.sum() < len(slices):
-        ds = tf.data.Dataset.sample_from_datasets(
-            [shuffled(np.flatnonzero(positive)), shuffled(np.flatnonzero(~positive), 1)],
-            weights=[positive_fraction, 1 - positive_fraction], seed=seed)
-    elif training:
-        ds = shuffled(np.arange(len(slices)))
-    else:
-        ds = tf.data.Dataset.range(len(slices))
+    ds = index_dataset(slices.labels[:, -1] > 0.5, training, seed, positive_fraction)
     ds = ds.map(decode, num_parallel_calls=workers, deterministic=True)
     ds = ds.filter(lambda image, ok, index: ok)
     if training:

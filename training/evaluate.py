@@ -238,10 +238,16 @@ def predict_rows(forward, slices, decoder, batch_size: int = 32, workers: int = 
     """
     from training.data import dataset
 
+    return predict_batches(forward, dataset(slices, decoder, batch_size, training=False, workers=workers))
+
+
+def predict_batches(forward, batches):
+    """(row indices, probabilities) of an inference pipeline yielding (images, row indices):
+    `training.data.dataset` (DICOM) or `training.cache.SliceCache.batches` (a prepared cache)."""
     rows, probs = [], []
-    for images, index in dataset(slices, decoder, batch_size, training=False, workers=workers):
+    for images, index in batches:
         probs.append(np.asarray(forward(images)))
-        rows.append(index.numpy())
+        rows.append(np.asarray(index))
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, len(LABELS)), np.float32)
     return np.concatenate(rows), np.concatenate(probs).astype(np.float32)

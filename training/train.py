@@ -6,14 +6,26 @@ not blacked out), validation uses inference-mode predictions and the competition
 best epoch's weights are kept, and BatchNorm can be given a momentum that suits short runs from
 scratch (DESIGN §6: with 0.99 the running statistics never settle in a few hundred steps).
 
-`run(config)` is what `python -m training` does: data → split → fit → thresholds → artifact.
+Training reads a prepared cache (`training.cache`): decoded once, streamed, never held in
+memory, so peak memory does not grow with the data set. It runs under a tf.distribute strategy
+(`training.distribute`: every GPU of a node, or several nodes), optionally in mixed precision,
+and exports the same single-device float32 `model.keras` whatever trained it. Each run has a
+folder (`<out>/runs/<version>/`: resolved config, `history.csv` appended per epoch, the best
+epoch's weights, a checkpoint of weights + optimizer + epoch) from which `--resume` continues.
+
+`run(config)` is what `python -m training` does: data → cache → split → fit → thresholds →
+artifact.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import json
 import logging
 import math
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,9 +33,11 @@ import numpy as np
 
 from ich.labels import LABELS, WEIGHT_VECTOR
 from training import context, evaluate, studies
-from training.config import TrainConfig, steps_per_epoch, use_cache
-from training.data import (Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
+from training.cache import SliceCache, is_cache
+from training.config import TrainConfig, steps_per_epoch
+from training.data import (DataError, Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
                            read_trainset, slice_headers, split)
+from training.distribute import is_chief, make_strategy, precision
 from training.studies import StudySet
 
 log = logging.getLogger(__name__)
@@ -50,80 +64,195 @@ def weighted_bce(weights=WEIGHT_VECTOR):
     return weighted_binary_crossentropy
 
 
+def weights_digest(model) -> str:
+    """sha256 of every weight of `model`, in order: what a checkpoint saved and a resume
+    restored can be compared by (logged at both ends)."""
+    h = hashlib.sha256()
+    for v in model.weights:
+        h.update(np.ascontiguousarray(v.value.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
 def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
-    """Per epoch: inference-mode predictions on the validation slices → `val_loss` (the mean
-    binary log loss) and `val_weighted_log_loss` (the RSNA metric) in the logs; the weights of
-    the best epoch by the latter are restored when training ends (the best checkpoint)."""
+    """Per epoch: inference-mode predictions on the calibration slices, streamed from the cache
+    → `val_loss` (the mean binary log loss) and `val_weighted_log_loss` (the RSNA metric) in the
+    logs. The best epoch by the latter is kept on disk (`best.weights.npz` + `best.json` +
+    its predictions, in the run folder, so a resumed run knows it) and restored when training
+    ends."""
     import keras
 
     class Validation(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.best, self.best_epoch, self.best_weights = math.inf, None, None
-            self.decoder = Decoder(valid.paths, model_wrapper.input_dims[0], cache=True)
+            self.best, self.best_epoch = math.inf, None
             self.y = self.p = self.rows = None
+            self.dir = model_wrapper.run_dir
+
+        def on_train_begin(self, logs=None):
+            state = self.dir / "best.json" if self.dir else None
+            if state is not None and state.is_file():     # a resumed run: what it had found
+                best = json.loads(state.read_text())
+                self.best, self.best_epoch = best["score"], best["epoch"]
+                saved = np.load(self.dir / "best.predictions.npz")
+                self.y, self.p, self.rows = saved["y"], saved["p"], saved["rows"]
+                log.info("resumed: best epoch so far %d (calibration weighted log loss %.4f)",
+                         self.best_epoch, self.best)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             if epoch + 1 < model_wrapper.validate_from:   # early epochs are never the best:
-                logs["val_loss"] = logs["val_weighted_log_loss"] = math.nan   # spend it training
+                for key in ("val_loss", "val_weighted_log_loss", "val_any_auc"):
+                    logs[key] = math.nan                                    # spend it training
                 return
             if model_wrapper.bn_recalibrate:
                 model_wrapper.recalibrate_batchnorm()
             with model_wrapper.prior_corrected():
-                rows, p = model_wrapper.predict_rows(valid, self.decoder)
+                rows, p = model_wrapper.predict_rows(valid)
             y = valid.labels[rows]
             logs["val_loss"] = float(evaluate.label_log_loss(y, p).mean())
             logs["val_weighted_log_loss"] = score = evaluate.weighted_log_loss(y, p)
-            if model_wrapper.verbose:
-                print(f"epoch {epoch + 1}: val_loss {logs['val_loss']:.4f}, "
-                      f"val_weighted_log_loss {score:.4f}, any AUC {evaluate.auc(y[:, -1], p[:, -1])}",
-                      flush=True)
+            logs["val_any_auc"] = evaluate.auc(y[:, -1], p[:, -1]) or math.nan
             if score < self.best:
                 self.best, self.best_epoch = score, epoch + 1
-                # variable.value.numpy(): a copy, without Keras' numpy-2 __array__ warning per variable
-                self.best_weights = [v.value.numpy() for v in self.model.weights]
                 self.y, self.p, self.rows = y, p, rows
+                self._save([v.value.numpy() for v in self.model.weights])
+
+        def _save(self, weights) -> None:
+            if self.dir is None:
+                self._weights = weights
+                return
+            if not model_wrapper.chief:
+                return
+            np.savez(self.dir / "best.weights.tmp.npz", *weights)
+            np.savez(self.dir / "best.predictions.tmp.npz", y=self.y, p=self.p, rows=self.rows)
+            (self.dir / "best.weights.tmp.npz").replace(self.dir / "best.weights.npz")
+            (self.dir / "best.predictions.tmp.npz").replace(self.dir / "best.predictions.npz")
+            (self.dir / "best.json").write_text(json.dumps({"epoch": self.best_epoch, "score": self.best}) + "\n")
+
+        def best_weights(self):
+            if self.dir is None:
+                return getattr(self, "_weights", None)
+            path = self.dir / "best.weights.npz"
+            if self.best_epoch is None or not path.is_file():
+                return None
+            with np.load(path) as saved:
+                return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
         def on_train_end(self, logs=None):
-            if self.best_weights is not None:
-                self.model.set_weights(self.best_weights)
+            weights = self.best_weights()
+            if weights is not None:
+                self.model.set_weights(weights)
             model_wrapper.correct_priors()     # the exported model predicts population priors
 
     return Validation()
+
+
+def checkpoint_callback(model_wrapper: "MyDeepModel"):
+    """Keras' BackupAndRestore (weights + optimizer state + epoch, at every epoch end, the last
+    two kept so a kill while writing cannot lose both), logging the weights' digest when it
+    saves and when a resumed run restores them."""
+    import keras
+
+    class Checkpoint(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            start = self.model._initial_epoch or 0
+            if start:
+                log.info("resuming at epoch %d from %s (weights %s)", start + 1, self.backup_dir,
+                         weights_digest(self.model))
+
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            log.info("checkpoint: epoch %d saved to %s (weights %s)", epoch + 1, self.backup_dir,
+                     weights_digest(self.model))
+
+    folder = model_wrapper.run_dir / ("checkpoint" if model_wrapper.chief else
+                                      f"checkpoint-worker-{model_wrapper.task_id}")
+    return Checkpoint(str(folder), double_checkpoint=True, delete_checkpoint=False)
+
+
+def progress_callback(epochs: int, steps: int, batch: int, every: int | None = None):
+    """One line per `every` steps and per epoch, with images/s and the time left: what a log
+    file wants (Keras' bar writes thousands of ANSI lines per epoch into a non-TTY)."""
+    import keras
+
+    every = every or max(1, steps // 10)
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch, self.started = epoch, time.perf_counter()
+
+        def on_train_batch_end(self, step, logs=None):
+            step += 1
+            if step % every == 0 and step < steps:
+                elapsed = time.perf_counter() - self.started
+                print(f"epoch {self.epoch + 1}/{epochs} step {step}/{steps}: loss "
+                      f"{(logs or {}).get('loss', math.nan):.4f}, {step * batch / elapsed:.1f} img/s, "
+                      f"epoch done in {_duration((steps - step) * elapsed / step)}", flush=True)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs, elapsed = logs or {}, time.perf_counter() - self.started
+            val = "".join(f", {k} {logs[k]:.4f}" for k in ("val_weighted_log_loss", "val_any_auc")
+                          if k in logs and not math.isnan(logs[k]))
+            print(f"epoch {epoch + 1}/{epochs} done in {_duration(elapsed)}: loss "
+                  f"{logs.get('loss', math.nan):.4f}{val}, {steps * batch / elapsed:.1f} img/s, "
+                  f"{_duration((epochs - epoch - 1) * elapsed)} left", flush=True)
+
+    return Progress()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class MyDeepModel:
     """The reference API. `engine` is a keras.applications constructor or its name; `weights`
     is "imagenet" (Keras downloads them where the internet is reachable), a local weights file,
     or None/"none": from scratch, the default, because nothing can be downloaded offline. The
-    reference's call asks for the ImageNet weights explicitly and still works where it can."""
+    reference's call asks for the ImageNet weights explicitly and still works where it can.
+
+    `batch_size` is per replica of `strategy` (default: one device); the global batch and the
+    learning rate scale with the replicas (training.distribute). `run_dir`: where the best
+    epoch, the checkpoint and history.csv go (None: memory only, no resume)."""
 
     def __init__(self, engine="InceptionV3", input_dims=(224, 224, 3), batch_size=32,
                  learning_rate=3e-4, num_epochs=3, decay_rate=0.8, decay_steps=3,
                  weights=None, verbose=1, *, bn_momentum=None, loss="bce",
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
-                 positive_fraction=None, workers=2, cache=False, seed=42, hu_augment=None):
+                 positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
+                 run_dir=None):
+        import tensorflow as tf
+
         from ich.model import build_model
 
         self.engine = engine if isinstance(engine, str) else engine.__name__
         self.input_dims = tuple(input_dims)
-        self.batch_size, self.learning_rate = batch_size, learning_rate
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.batch_size, self.global_batch = batch_size, batch_size * self.replicas
+        self.learning_rate = learning_rate * self.replicas      # linear scaling rule
         self.num_epochs, self.decay_rate, self.decay_steps = num_epochs, decay_rate, decay_steps
         self.weights = None if weights in (None, "none", "") else weights
+        self.bn_momentum = bn_momentum
         self.verbose, self.loss, self.steps_per_epoch = verbose, loss, steps_per_epoch
         self.augment, self.bn_recalibrate = augment, bn_recalibrate
         self.validate_from = min(validate_from, num_epochs)
         self.positive_fraction = positive_fraction
         self.logit_shift = 0.0     # log odds ratio of the training sampler (0: natural sampling)
-        self.workers, self.cache, self.seed = workers, cache, seed
+        self.workers, self.seed = workers, seed
         self.hu_augment = hu_augment       # a training.data.HUAugment, or None
-        self.model = build_model(self.engine, self.input_dims[0], self.weights, bn_momentum)
-        self.train_decoder = None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.chief = is_chief(self.strategy)
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        self.task_id = getattr(resolver, "task_id", 0) or 0
+        with self.strategy.scope():
+            self.model = build_model(self.engine, self.input_dims[0], self.weights, bn_momentum)
+            self._compile()
+        self.cache: SliceCache | None = None
         self.validation = None
         self._forward = None
         self._precise_bn = None
-        self._compile()
 
     def _compile(self) -> None:
         import keras
@@ -131,32 +260,57 @@ class MyDeepModel:
         loss = weighted_bce() if self.loss == "weighted" else keras.losses.BinaryCrossentropy()
         self.model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss)
 
-    def fit_model(self, train_df: Slices, valid_df: Slices):
-        """Train with step decay and per-epoch validation; returns the Keras History, whose
-        model holds the best epoch's weights."""
+    def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache):
+        """Train on rows of a prepared `cache` with step decay and per-epoch validation;
+        returns the Keras History, whose model holds the best epoch's weights."""
         import keras
         from threadpoolctl import threadpool_limits
 
-        # The decoders run in parallel threads next to TensorFlow: one BLAS thread each, as in
-        # the worker (a multi-threaded BLAS per resize oversubscribed the cores, DESIGN §7).
-        threadpool_limits(1, user_api="blas")
+        threadpool_limits(1, user_api="blas")   # the cache reads need no BLAS; TF has its own
+        self.cache = cache
         self.logit_shift = math.log(positive_odds_ratio(train_df, self.positive_fraction))
         self.init_output_bias(train_df.prevalence(), self.logit_shift)
-        self.train_decoder = Decoder(train_df.paths, self.input_dims[0], cache=self.cache,
-                                     augment=self.hu_augment, seed=self.seed)
-        train = dataset(train_df, self.train_decoder, self.batch_size, training=True,
-                        seed=self.seed, augment=self.augment, workers=self.workers,
-                        positive_fraction=self.positive_fraction)
         self._train_df = train_df
-        steps = self.steps_per_epoch or max(1, math.ceil(len(train_df) / self.batch_size))
+        steps = self.steps_per_epoch or max(1, math.ceil(len(train_df) / self.global_batch))
         self.validation = validation_callback(self, valid_df)
         callbacks = [
             keras.callbacks.LearningRateScheduler(
                 lr_schedule(self.learning_rate, self.decay_rate, self.decay_steps)),
             self.validation,
         ]
-        return self.model.fit(train, epochs=self.num_epochs, steps_per_epoch=steps,
-                              callbacks=callbacks, verbose=self.verbose, shuffle=False)
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.chief:   # history first: a checkpoint never exists without its epoch's row
+                callbacks.append(keras.callbacks.CSVLogger(str(self.run_dir / "history.csv"), append=True))
+            callbacks.append(checkpoint_callback(self))
+        line_progress = self.verbose == 2 or (self.verbose == 1 and not sys.stdout.isatty())
+        if line_progress:
+            callbacks.append(progress_callback(self.num_epochs, steps, self.global_batch))
+        return self.model.fit(self._train_batches(train_df), epochs=self.num_epochs,
+                              steps_per_epoch=steps, callbacks=callbacks,
+                              verbose=0 if line_progress else self.verbose, shuffle=False)
+
+    def _train_batches(self, train_df: Slices):
+        """The training pipeline: one per device group; with several replicas, one per input
+        pipeline (worker), each reading its own share of the rows at the per-replica batch."""
+        kwargs = {"training": True, "seed": self.seed, "augment": self.augment,
+                  "hu_augment": self.hu_augment, "positive_fraction": self.positive_fraction}
+        if self.replicas == 1:
+            return self.cache.batches(train_df, self.global_batch, **kwargs)
+        return self.strategy.distribute_datasets_from_function(
+            lambda ctx: self.cache.batches(
+                train_df, ctx.get_per_replica_batch_size(self.global_batch),
+                shard=(ctx.num_input_pipelines, ctx.input_pipeline_id), **kwargs))
+
+    def export_model(self):
+        """The trained network as a single-device float32 model (the artifact), whatever
+        strategy and precision trained it."""
+        from ich.model import build_model
+
+        with precision("none"):
+            model = build_model(self.engine, self.input_dims[0], None, self.bn_momentum)
+        model.set_weights([v.value.numpy() for v in self.model.weights])
+        return model
 
     def init_output_bias(self, prevalence, shift: float = 0.0) -> None:
         """Start each sigmoid at its label's prevalence as the sampler shows it (bias =
@@ -204,11 +358,16 @@ class MyDeepModel:
         return slices.labels[rows], p
 
     def predict_rows(self, slices: Slices, decoder: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Inference-mode probabilities → (row indices, probabilities) of the decodable slices."""
+        """Inference-mode probabilities → (row indices, probabilities) of the decodable slices:
+        from the cache for its rows, else decoded from DICOM."""
         if self._forward is None:
             self._forward = evaluate.compiled_forward(self.model)
-        decoder = decoder or Decoder(slices.paths, self.input_dims[0])
-        rows, p = evaluate.predict_rows(self._forward, slices, decoder, self.batch_size, self.workers)
+        if slices.rows is not None and self.cache is not None:
+            batches = self.cache.batches(slices, self.global_batch, training=False)
+        else:
+            batches = dataset(slices, decoder or Decoder(slices.paths, self.input_dims[0]),
+                              self.global_batch, training=False, workers=self.workers or 2)
+        rows, p = evaluate.predict_batches(self._forward, batches)
         if not len(rows):
             raise ValueError("no decodable slices to predict")
         return rows, p
@@ -218,8 +377,7 @@ class MyDeepModel:
         if self._precise_bn is None:
             rows = np.random.default_rng(self.seed).permutation(len(self._train_df))
             subset = self._train_df.take(rows[: self.bn_recalibrate * self.batch_size])
-            decoder = Decoder(subset.paths, self.input_dims[0], cache=True)
-            batches = dataset(subset, decoder, self.batch_size, training=False, workers=self.workers)
+            batches = self.cache.batches(subset, self.batch_size, training=False)
             self._precise_bn = PreciseBatchNorm(self.model, batches.map(lambda images, rows: images))
         self._precise_bn()
 
@@ -316,17 +474,37 @@ def default_version(engine: str) -> str:
     return f"ich-{engine.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def prepare_data(config: TrainConfig) -> tuple[Path, dict]:
-    """The RSNA-layout folder to train on, generating phantoms first when asked."""
+def prepare_data(config: TrainConfig) -> tuple[SliceCache, dict]:
+    """The prepared cache to train on: `--data` itself when it is one, else prepared (or
+    finished) from the RSNA-layout folder, generating phantoms first when asked."""
+    from training.prepare import prepare
+
+    if config.data is not None and is_cache(config.data):
+        cache = SliceCache.open(config.data, config.input_size)
+        return cache, {"source": "prepared-cache", "path": str(config.data),
+                       "dicom": cache.meta["source"]}
     if config.data is not None:
-        return Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
-    lo, hi = config.synthetic_slices
-    folder = Path(config.synthetic_dir or f"data/synthetic/seed{config.seed}-studies"
-                  f"{config.synthetic_studies}-slices{lo}-{hi}-{config.synthetic_site}")
-    _phantoms(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
-              config.workers)
-    return folder, {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
-                    "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site}
+        folder, card = Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
+    else:
+        lo, hi = config.synthetic_slices
+        folder = Path(config.synthetic_dir or f"data/synthetic/seed{config.seed}-studies"
+                      f"{config.synthetic_studies}-slices{lo}-{hi}-{config.synthetic_site}")
+        _phantoms(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
+                  config.workers)
+        card = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
+                "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site}
+    cache = prepare(folder, cache_dir(config, folder), config.input_size, config.workers)
+    return cache, {**card, "cache": str(cache.root)}
+
+
+def cache_dir(config: TrainConfig, folder: Path) -> Path:
+    """`--cache-dir`, else `cache/<folder>-<digest of its path>-<input size>` beside the
+    phantoms (their parent folder) or under data/ for a `--data` folder."""
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    tag = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:8]
+    root = Path(folder).parent if config.data is None else Path("data")
+    return root / "cache" / f"{Path(folder).name}-{tag}-{config.input_size}"
 
 
 #: The held-out site's phantoms use their own seed: same-seed studies share UIDs and anatomy.
@@ -347,25 +525,26 @@ def heldout_sets(config: TrainConfig) -> dict[str, Path]:
     return sets
 
 
-def _phantoms(folder: Path, studies: int, seed: int, slices, site: str, workers: int) -> None:
+def _phantoms(folder: Path, studies: int, seed: int, slices, site: str, workers: int | None) -> None:
     from training import synthetic
 
     if (folder / "stage_2_train.csv").is_file():
         log.info("reusing the phantom dataset in %s", folder)
         return
     log.info("generating %d phantom studies of site %s in %s", studies, site, folder)
-    summary = synthetic.generate(folder, studies, seed, slices=slices, workers=workers, site=site)
+    summary = synthetic.generate(folder, studies, seed, slices=slices, workers=workers or 2, site=site)
     log.info("phantoms: %d slices, positive fraction %.3f in %.0f s", summary["slices"],
              summary["positive_fraction"], summary["seconds"])
 
 
-def score_heldout(deep: "MyDeepModel", config: TrainConfig, slice_thresholds, rule) -> dict:
-    """The final model's figures on every held-out site, each on its own (it chose nothing)."""
+def score_heldout(model, config: TrainConfig, sets: dict[str, Path], slice_thresholds, rule) -> dict:
+    """The exported model's figures on every held-out site, straight from DICOM as a worker
+    would decode it, each on its own (it chose nothing)."""
     results = {}
-    forward = evaluate.compiled_forward(deep.model)
-    for name, folder in heldout_sets(config).items():
+    forward = evaluate.compiled_forward(model)
+    for name, folder in sets.items():
         _, _, y, p, headers, decoder = evaluate.predict_folder(
-            forward, config.input_size, folder, config.batch_size, config.workers)
+            forward, config.input_size, folder, config.batch_size, config.workers or 2)
         figures = evaluate.figures(y, p, headers, slice_thresholds, rule)
         results[name] = {"data": str(folder), **figures, "decode": decoder.report()}
         study = figures["study"]
@@ -375,35 +554,46 @@ def score_heldout(deep: "MyDeepModel", config: TrainConfig, slice_thresholds, ru
 
 
 def run(config: TrainConfig) -> Path:
-    """data → split → fit → study rule and thresholds → figures on test studies → artifact
-    (→ promote). Returns its folder."""
+    """data → cache → split → fit → study rule and thresholds → figures on test studies →
+    artifact (→ promote). Returns its folder."""
     import keras
 
     from ich.model import ModelCard, promote, save_artifact
 
     started = time.perf_counter()
+    strategy = make_strategy(config.strategy)         # before any other TensorFlow work
+    version = config.version = config.version or default_version(config.engine)
+    run_dir = Path(config.resume) if config.resume else Path(config.out) / "runs" / version
+    if (Path(config.out) / version).exists():
+        raise FileExistsError(f"{Path(config.out) / version} exists: choose another --version")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_chief(strategy):
+        (run_dir / "config.json").write_text(config.to_json())
     keras.utils.set_random_seed(config.seed)
-    folder, data_card = prepare_data(config)
-    trainset = read_trainset(folder)
-    headers = slice_headers(trainset.paths)
+    for folder in config.heldout:                       # a bad folder fails now, not after hours
+        read_trainset(folder)
+    cache, data_card = prepare_data(config)
+    trainset, headers = cache.slices, cache.headers
     train_idx, calib_idx, test_idx = split(trainset, config.split, headers.studies)
     train, calib, test = (trainset.take(i) for i in (train_idx, calib_idx, test_idx))
     log.info("split %s: %d training, %d calibration, %d test images", config.split, len(train),
              len(calib), len(test))
 
-    deep = MyDeepModel(
-        engine=config.engine, input_dims=(config.input_size, config.input_size, 3),
-        batch_size=config.batch_size, learning_rate=config.learning_rate,
-        num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
-        weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
-        loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train)),
-        augment=config.augment, bn_recalibrate=config.bn_recalibrate,
-        validate_from=config.validate_from, positive_fraction=config.positive_fraction,
-        workers=config.workers, cache=use_cache(config, len(train)), seed=config.seed,
-        hu_augment=hu_augment(config.hu_augment))
-    log.info("%d epochs x %d steps of %d, cache %s", config.epochs, deep.steps_per_epoch or
-             math.ceil(len(train) / config.batch_size), config.batch_size, deep.cache)
-    history = deep.fit_model(train, calib).history
+    with precision(config.mixed_precision):
+        deep = MyDeepModel(
+            engine=config.engine, input_dims=(config.input_size, config.input_size, 3),
+            batch_size=config.batch_size, learning_rate=config.learning_rate,
+            num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
+            weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
+            loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train), strategy.num_replicas_in_sync),
+            augment=config.augment, bn_recalibrate=config.bn_recalibrate,
+            validate_from=config.validate_from, positive_fraction=config.positive_fraction,
+            workers=config.workers, seed=config.seed, hu_augment=hu_augment(config.hu_augment),
+            strategy=strategy, run_dir=run_dir)
+        log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s", config.epochs,
+                 deep.steps_per_epoch or math.ceil(len(train) / deep.global_batch),
+                 deep.global_batch, deep.replicas, config.mixed_precision)
+        deep.fit_model(train, calib, cache)
     # Calibration chose the epoch; it now calibrates the probabilities and chooses the operating
     # point. Test chooses nothing.
     v = deep.validation
@@ -414,9 +604,11 @@ def run(config: TrainConfig) -> Path:
         v.p = apply_platt(v.p, platt)
         log.info("Platt scaling on calibration: weighted log loss %.4f -> %.4f", before,
                  evaluate.weighted_log_loss(v.y, v.p))
+    model = deep.export_model()       # every figure below is the artifact's own
+    forward = evaluate.compiled_forward(model)
     calib_studies = StudySet.build(v.y, v.p, headers.take(calib_idx[v.rows]))
-    test_decoder = Decoder(test.paths, config.input_size)
-    test_rows, test_p = deep.predict_rows(test, test_decoder)
+    test_rows, test_p = evaluate.predict_batches(
+        forward, cache.batches(test, config.batch_size, training=False))
     test_y = test.labels[test_rows]
     test_studies = StudySet.build(test_y, test_p, headers.take(test_idx[test_rows]))
 
@@ -431,21 +623,23 @@ def run(config: TrainConfig) -> Path:
                                "study": studies.study_metrics(calib_studies, rule),
                                "rules": candidates},
                "best_epoch": v.best_epoch}
-    results["heldout"] = score_heldout(deep, config, slice_thresholds, rule)
+    sets = heldout_sets(config)
+    results["heldout"] = score_heldout(model, config, sets, slice_thresholds, rule)
     head = None
     if config.context:   # measured beside the slice model; workers do not serve it (yet)
-        parts = {"train": (train, headers.take(train_idx)), "calibration": (calib, headers.take(calib_idx)),
-                 "test": (test, headers.take(test_idx))}
-        for name, folder in heldout_sets(config).items():
+        parts = {name: (part, headers.take(idx), cache.batches(part, config.batch_size, training=False))
+                 for name, part, idx in (("train", train, train_idx), ("calibration", calib, calib_idx),
+                                         ("test", test, test_idx))}
+        for name, folder in sets.items():
             held = read_trainset(folder)
-            parts[f"heldout:{name}"] = (held, slice_headers(held.paths))
+            parts[f"heldout:{name}"] = (held, slice_headers(held.paths), dataset(
+                held, Decoder(held.paths, config.input_size), config.batch_size, training=False))
         head, results["context"] = context.measure(
-            deep.model, parts, config.input_size, config.target_recall,
-            studies.candidates(config.study_rule), seed=config.seed, workers=config.workers)
+            model, parts, config.target_recall, studies.candidates(config.study_rule), seed=config.seed)
     results["seconds"] = round(time.perf_counter() - started, 1)
     quality = evaluate.verdict(results)   # did it learn? (on test: it chose nothing)
     card = ModelCard(
-        version=config.version or default_version(config.engine), engine=config.engine,
+        version=version, engine=config.engine,
         input_size=config.input_size, thresholds=dict(rule.thresholds),
         study_rule=rule.describe(), slice_thresholds=slice_thresholds, metrics=results,
         data={**data_card, "split": config.split, "split_seed": 42,
@@ -455,19 +649,26 @@ def run(config: TrainConfig) -> Path:
               "studies": {"train": len(set(headers.studies[train_idx])),
                           "calibration": len(set(headers.studies[calib_idx])),
                           "test": len(set(headers.studies[test_idx]))},
-              "read": trainset.report(), "skipped_train": deep.train_decoder.report(),
-              "skipped_calibration": v.decoder.report(), "skipped_test": test_decoder.report(),
+              "read": cache.meta["read"], "skipped": cache.report(),
               "train_prevalence": dict(zip(LABELS, map(float, train.prevalence())))},
+        training={"strategy": type(strategy).__name__, "replicas": deep.replicas,
+                  "global_batch": deep.global_batch, "learning_rate": deep.learning_rate,
+                  "mixed_precision": config.mixed_precision, "run_dir": str(run_dir)},
         notes=_notes(config, rule),
         status="ok" if quality["passed"] else "failed", verdict=quality)
-    out = save_artifact(deep.model, card, Path(config.out))
+    if not is_chief(strategy):
+        return Path(config.out) / version
+    out = save_artifact(model, card, Path(config.out))
     if head is not None:
         head.save(out / "context.keras")
-    write_extras(out, config, history, test_y, test_p, slice_thresholds)
+    write_extras(out, config, run_dir, test_y, test_p, slice_thresholds)
     evaluate.write_predictions(out / "predictions.csv", {
         "calibration": (calib.take(v.rows), headers.take(calib_idx[v.rows]), v.p),
         "test": (test.take(test_rows), headers.take(test_idx[test_rows]), test_p)})
     studies.plot_study_curves(test_studies, rule, out / "study_curves.png")
+    for bulky in ("checkpoint", "best.weights.npz"):   # the artifact has what they held
+        path = run_dir / bulky
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if not quality["passed"]:
         log.error("model %s FAILED the quality check: %s", card.version, "; ".join(quality["reasons"]))
     if config.promote and (quality["passed"] or config.allow_failed):
@@ -488,11 +689,28 @@ def _notes(config: TrainConfig, rule) -> str:
             "slice-level operating points, for reference only.")
 
 
-def write_extras(folder: Path, config: TrainConfig, history: dict, y, p, thresholds) -> None:
-    """config.json, history.json and the plots, beside model.keras."""
+def read_history(path: Path) -> dict[str, list[float]]:
+    """history.csv (every epoch, across resumes) → {column: values}, one value per epoch: an
+    epoch repeated by a resume (killed after its row, before its checkpoint) keeps its last row."""
+    epochs: dict[int, dict[str, str]] = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                epochs[int(row.pop("epoch"))] = row
+    history: dict[str, list[float]] = {}
+    for epoch in sorted(epochs):
+        for key, value in epochs[epoch].items():
+            history.setdefault(key, []).append(float(value) if value not in ("", None) else math.nan)
+    return history
+
+
+def write_extras(folder: Path, config: TrainConfig, run_dir: Path, y, p, thresholds) -> None:
+    """config.json, history.csv and .json and the plots, beside model.keras."""
     (folder / "config.json").write_text(config.to_json())
-    clean = {k: [float(v) for v in values] for k, values in history.items()}
-    as_json = {k: [None if math.isnan(v) else v for v in values] for k, values in clean.items()}
+    history = read_history(run_dir / "history.csv")
+    if (run_dir / "history.csv").is_file():
+        shutil.copy2(run_dir / "history.csv", folder / "history.csv")
+    as_json = {k: [None if math.isnan(v) else v for v in values] for k, values in history.items()}
     (folder / "history.json").write_text(json.dumps(as_json, indent=2) + "\n")
-    evaluate.plot_history(clean, folder / "loss.png")
+    evaluate.plot_history(history, folder / "loss.png")
     evaluate.plot_precision_recall(y, p, thresholds, folder / "precision_recall.png")

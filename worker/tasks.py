@@ -21,6 +21,7 @@ import requests
 from celery import signals
 from celery_batches import Batches
 from prometheus_client import start_http_server
+from redis.exceptions import LockError
 
 from ich import keys
 from ich.decision import StudyRule
@@ -37,6 +38,9 @@ log = logging.getLogger("worker")
 #: Dead letters kept (newest first); older ones are trimmed (issue 14 item 11).
 MAX_DEAD_LETTERS = 10_000
 MAX_SCORE_ATTEMPTS = 3
+#: A DICOM result send holds its study-and-destination lock at most RESULT_LOCK_S; another
+#: send waits RESULT_LOCK_WAIT_S for it, then is retried with the usual backoff.
+RESULT_LOCK_S, RESULT_LOCK_WAIT_S = 120, 60
 SWEEP_INTERVAL_S = 0.5
 #: Past the visibility timeout, how long kombu gets to restore a message before the ledger's
 #: reconciler looks for it (kombu sweeps every few seconds; see worker.celery).
@@ -178,8 +182,16 @@ def deliver_result(self, alert: dict, destination: str) -> None:
     sent_key = keys.results_sent(alert["study_instance_uid"], alert["model_version"])
     # One send at a time per study and destination: the summary must see what the
     # first_positive stored (to supersede it), whichever retry brings them back together.
-    with redis_client.lock(f"{sent_key}:lock:{index}", timeout=120, blocking_timeout=60):
-        _deliver_result(self, pacs, alert, destination, index, sent_key)
+    try:
+        with redis_client.lock(f"{sent_key}:lock:{index}", timeout=RESULT_LOCK_S,
+                               blocking_timeout=RESULT_LOCK_WAIT_S):
+            _deliver_result(self, pacs, alert, destination, index, sent_key)
+    except LockError as exc:
+        # Another send to this destination held the lock too long (a PACS that accepts the
+        # association and then hangs), or it expired under us. The result is not lost: it is
+        # retried like a refused store, and a retry of something already sent is "unchanged".
+        _retry_or_dead_letter(self, alert, metrics.results, "destination", "destination", index,
+                              f"result lock: {exc}")
 
 
 def _deliver_result(self, pacs, alert: dict, destination: str, index: int, sent_key: str) -> None:

@@ -129,3 +129,38 @@ def test_a_declared_giant_pdu_allocates_nothing_and_is_closed(listener):
                 raise
             time.sleep(0.25)
     assert "declared a 4294967295-byte PDU" in listener.log()
+
+
+def test_a_peer_that_stalls_inside_a_pdu_is_closed_after_the_network_timeout(listener_factory):
+    """A valid header, a few bytes of the body, then silence (a hung sender, or one holding
+    slots on purpose). pynetdicom reads the body with blocking `recv` calls on the accepted
+    socket, which Python leaves without a timeout: without one the reader waits forever and
+    the association slot is never freed. Each connection is closed after ICH_DICOM_TIMEOUT_S."""
+    import socket
+
+    listener = listener_factory(ICH_MAX_ASSOCIATIONS="2", ICH_DICOM_TIMEOUT_S="3")
+    peers = []
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", listener.port), timeout=30)
+        s.sendall(b"\x01\x00\x00\x00\x10\x00" + b"\x00" * 100)   # A-ASSOCIATE-RQ of 4 KiB: 100 B sent
+        peers.append(s)
+    started = time.monotonic()
+    for s in peers:
+        try:
+            assert s.recv(1) == b""                      # closed by the listener
+        except ConnectionResetError:
+            pass
+        finally:
+            s.close()
+    waited = time.monotonic() - started
+    assert 2.0 < waited < 12.0, f"stalled peers closed after {waited:.1f} s"
+    study, series = generate_uid(), generate_uid()
+    deadline = time.monotonic() + 10
+    while True:                                          # their slots are free again
+        try:
+            assert statuses(listener.port, [ct_slice(2, study, series)]) == [0x0000]
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)

@@ -26,6 +26,15 @@ def phantoms(tmp_path_factory):
     return root, {truncated.stem, garbage.stem}
 
 
+@pytest.fixture(scope="module")
+def cache(phantoms, tmp_path_factory):
+    """The phantoms prepared at 75², in shards of 8 slices, by two processes."""
+    from training.prepare import prepare
+
+    root, _ = phantoms
+    return prepare(root, tmp_path_factory.mktemp("cache") / "c75", 75, processes=2, shard_size=8)
+
+
 def _write_csv(path, rows):
     path.write_text("ID,Label\n" + "".join(f"{i}_{label},{v}\n" for i, label, v in rows))
 
@@ -62,7 +71,7 @@ def test_read_trainset_rejects_a_malformed_row(tmp_path):
         data.read_trainset(tmp_path)
 
 
-def test_unreadable_files_are_skipped_and_reported_never_black(phantoms):
+def test_unreadable_files_are_skipped_and_reported_never_black(phantoms, cache):
     root, broken = phantoms
     ts = data.read_trainset(root)
     assert len(ts) == 24 and broken <= set(ts.ids)        # listed and on disk: found at decode time
@@ -74,8 +83,10 @@ def test_unreadable_files_are_skipped_and_reported_never_black(phantoms):
     assert report["skipped"] == 2
     assert set(report["reasons"]) <= {"truncated", "undecodable"} and sum(report["reasons"].values()) == 2
 
-    train = data.dataset(ts, data.Decoder(ts.paths, 75, cache=True), 4, training=True, seed=1,
-                         augment=False, workers=2)
+    # the prepared cache records the same two failures, and trains on the 22 others only
+    assert cache.report()["skipped"] == 2 and cache.report()["reasons"] == report["reasons"]
+    assert sorted(cache.slices.ids) == sorted(set(ts.ids) - broken)
+    train = cache.batches(cache.slices, 4, training=True, seed=1)
     seen = 0
     for images, labels in train.take(3 * 22 // 4):            # three epochs' worth
         assert images.shape == (4, 75, 75, 3) and labels.shape == (4, 6)
@@ -84,62 +95,70 @@ def test_unreadable_files_are_skipped_and_reported_never_black(phantoms):
     assert seen > 22
 
 
-def test_augmentation_keeps_shape_range_and_changes_images(phantoms):
-    root, _ = phantoms
-    ts = data.read_trainset(root).take(np.arange(12, 20))
-    decoder = data.Decoder(ts.paths, 75, cache=True)
-    plain = next(iter(data.dataset(ts, decoder, 8, training=True, seed=3, augment=False)))[0].numpy()
-    augmented = next(iter(data.dataset(ts, decoder, 8, training=True, seed=3, augment=True)))[0].numpy()
+def test_augmentation_keeps_shape_range_and_changes_images(cache):
+    ts = cache.slices.take(np.arange(12, 20))
+    plain = next(iter(cache.batches(ts, 8, training=True, seed=3, augment=False)))[0].numpy()
+    augmented = next(iter(cache.batches(ts, 8, training=True, seed=3, augment=True)))[0].numpy()
     assert augmented.shape == plain.shape
     assert augmented.min() >= 0.0 and augmented.max() <= 1.0 + 1e-5
     assert not np.allclose(np.sort(plain.ravel()), np.sort(augmented.ravel()))
 
 
-def test_decoder_without_augmentation_is_exactly_what_the_worker_sees(phantoms):
-    """Train/serve parity: the training decoder (cached or not) returns `load_slice`'s image."""
+def test_training_inputs_are_what_the_worker_sees(phantoms, cache):
+    """Train/serve parity: the DICOM decoder returns `load_slice`'s image exactly, and the
+    cache's windowed images (float16 HU, windowed in TensorFlow) are within 1e-3 of it."""
     from ich.imaging import load_slice
 
     root, broken = phantoms
     ts = data.read_trainset(root)
     path = next(p for i, p in zip(ts.ids, ts.paths) if i not in broken)
-    index = list(ts.paths).index(path)
-    for decoder in (data.Decoder(ts.paths, 75), data.Decoder(ts.paths, 75, cache=True)):
-        for _ in range(2):
-            image, ok = decoder(index)
-            assert ok and np.array_equal(image, load_slice(path, 75))
+    image, ok = data.Decoder(ts.paths, 75)(list(ts.paths).index(path))
+    assert ok and np.array_equal(image, load_slice(path, 75))
+    worst, seen = 0.0, []
+    for images, positions in cache.batches(cache.slices, 5, training=False):
+        for image, position in zip(images.numpy(), positions.numpy()):
+            worst = max(worst, float(np.abs(image - load_slice(cache.slices.paths[position], 75)).max()))
+            seen.append(int(position))
+    assert seen == list(range(len(cache.slices))) and worst < 1e-3
 
 
-def test_hu_augmentation_acts_in_hu_before_windowing_and_never_touches_the_cache(phantoms):
-    from ich.imaging import load_hu, windows
+def test_hu_augmentation_acts_in_hu_before_windowing_and_never_touches_the_cache(cache):
+    import tensorflow as tf
 
-    root, broken = phantoms
-    ts = data.read_trainset(root)
-    index = next(i for i, name in enumerate(ts.ids) if name not in broken)
-    hu = load_hu(ts.paths[index], 75)
-    rng = np.random.default_rng(0)
+    hu = cache.read(cache.slices.rows[:1]).astype(np.float32)[0]
+    batch = tf.constant(np.repeat(hu[None], 30, axis=0))
+
+    def augment(ops, seed=(1, 2)):
+        return data.HUAugment(ops).tf(batch, tf.constant(seed, tf.int64)).numpy()
+
     # calibration alone is an affine map of HU: a least-squares fit recovers it exactly
-    calibration = data.HUAugment(("calibration",))
-    fits = []
-    for _ in range(20):
-        out = calibration(hu, rng)
-        slope, intercept = np.polyfit(hu.ravel(), out.ravel(), 1)
-        assert np.allclose(out, slope * hu + intercept, atol=1e-2)
-        fits.append((slope, intercept))
+    out = augment(("calibration",))
+    fits = [np.polyfit(hu.ravel(), o.ravel(), 1) for o in out]
+    for o, (slope, intercept) in zip(out, fits):
+        assert np.allclose(o, slope * hu + intercept, atol=1e-2)
     slopes, intercepts = np.array(fits).T
     assert 0.98 <= slopes.min() and slopes.max() <= 1.02 and np.abs(intercepts).max() <= 4.01
-    assert (np.abs(slopes - 1) > 1e-6).sum() >= 4      # applied to about half the slices
-    # noise alone: zero-mean residual of SD 0.5-3 HU when applied
-    noise = data.HUAugment(("noise",))
-    sds = [float((noise(hu, rng) - hu).std()) for _ in range(30)]
-    applied = [sd for sd in sds if sd > 0]
-    assert 5 <= len(applied) <= 25 and all(0.4 <= sd <= 3.3 for sd in applied)
-    # the decoder's cached HU is never modified, and each read differs
-    decoder = data.Decoder(ts.paths, 75, cache=True, augment=data.HUAugment(), seed=1)
-    reads = [decoder(index)[0] for _ in range(8)]
-    assert np.array_equal(decoder._images[index], hu)
-    assert all(r.shape == (75, 75, 3) and 0 <= r.min() and r.max() <= 1 for r in reads)
-    assert len({r.tobytes() for r in reads}) >= 4
-    assert np.array_equal(windows(hu), data.Decoder(ts.paths, 75)(index)[0])
+    assert 5 <= (np.abs(slopes - 1) > 1e-6).sum() <= 25      # applied to about half the slices
+    # noise alone: a residual of SD 0.5-3 HU when applied, none otherwise
+    sds = (augment(("noise",)) - hu).std(axis=(1, 2))
+    applied = sds[sds > 1e-3]
+    assert 5 <= len(applied) <= 25 and applied.min() >= 0.4 and applied.max() <= 3.3
+    # kernel alone: blurring lowers the slice's gradient energy, sharpening raises it
+    def energy(x):
+        return float(np.square(np.diff(x, axis=-1)).mean())
+    energies = [energy(o) / energy(hu) for o in augment(("kernel",))]
+    assert min(energies) < 0.95 and max(energies) > 1.05
+    # stateless: the same seed gives the same batch, another seed another
+    assert np.array_equal(augment(data.HU_AUGMENTS), augment(data.HU_AUGMENTS))
+    assert not np.allclose(augment(data.HU_AUGMENTS), augment(data.HU_AUGMENTS, (1, 3)))
+    # training batches from the cache differ at each step; the cache itself never changes
+    before = cache.read(cache.slices.rows)
+    ts = cache.slices.take(np.zeros(8, int))      # one slice, eight times: only augmentation differs
+    batches = cache.batches(ts, 8, training=True, seed=1, hu_augment=data.HUAugment())
+    reads = [x.numpy() for x, _ in batches.take(2)]
+    assert all(r.shape == (8, 75, 75, 3) and 0 <= r.min() and r.max() <= 1 for r in reads)
+    assert len({r.tobytes() for batch in reads for r in batch}) >= 12
+    assert np.array_equal(cache.read(cache.slices.rows), before)
 
 
 def test_hu_augment_names():
@@ -211,8 +230,8 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     assert config.steps_per_epoch(auto, 1_440) == 60
     assert config.steps_per_epoch(auto, 451_000) == math.ceil(3 * 451_000 / (32 * 7))
     assert config.steps_per_epoch(real, 1_440) is None
-    assert config.use_cache(auto, 5_000) and not config.use_cache(auto, 451_000)
-    assert not config.use_cache(real, 10)
+    assert config.steps_per_epoch(auto, 451_000, replicas=8) == math.ceil(3 * 451_000 / (32 * 8 * 7))
+    assert (auto.strategy, auto.mixed_precision, auto.workers, auto.resume) == ("auto", "none", None, None)
 
     toml = tmp_path / "run.toml"
     toml.write_text('data = "x"\nbatch-size = 8\nepochs = 5\nsplit = "study"\n')
@@ -237,18 +256,15 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     assert (sites.synthetic_site, sites.site_studies, sites.heldout) == ("randomised", 60, ["a", "b"])
 
 
-def test_positive_fraction_oversamples_bleeding_slices(phantoms):
-    root, broken = phantoms
-    ts = data.read_trainset(root)
-    ts = ts.take(np.flatnonzero([i not in broken for i in ts.ids]))
+def test_positive_fraction_oversamples_bleeding_slices(cache):
+    ts = cache.slices
     labels = np.zeros_like(ts.labels)
     labels[:3] = 1.0                                  # 3 of 22 slices bleed: natural share 0.14
-    constructed = data.Slices(ts.ids, ts.paths, labels)
-    decoder = data.Decoder(constructed.paths, 75, cache=True)
+    constructed = data.Slices(ts.ids, ts.paths, labels, ts.rows)
 
     def share(fraction):
-        batches = data.dataset(constructed, decoder, 8, training=True, seed=5,
-                               positive_fraction=fraction).take(40)
+        batches = cache.batches(constructed, 8, training=True, seed=5,
+                                positive_fraction=fraction).take(40)
         return float(np.mean([y.numpy()[:, -1].mean() for _, y in batches]))
 
     assert share(None) == pytest.approx(3 / 22, abs=0.05)

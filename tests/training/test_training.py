@@ -67,7 +67,7 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
             "alert_delay_slices", "subtype_auc"} <= set(m["study"])
     d = card.data
     assert d["source"] == "synthetic" and d["split"] == "study"
-    assert d["train_images"] + d["calibration_images"] + d["test_images"] == d["read"]["images"]
+    assert d["train_images"] + d["calibration_images"] + d["test_images"] + d["skipped"]["skipped"] == d["read"]["images"]
     assert sum(d["studies"].values()) == 6 and min(d["studies"].values()) >= 1
     assert card.status == ("ok" if card.verdict["passed"] else "failed")
     assert card.verdict["loss_ratio"] == pytest.approx(m["weighted_log_loss"] / m["prevalence_log_loss"], abs=1e-4)
@@ -107,13 +107,16 @@ def test_context_head_is_measured_beside_the_slice_model(run):
 
 
 def test_unreadable_slice_was_skipped_and_reported(run):
+    """Decoded once into the prepared cache (beside the phantoms), which names the failure;
+    the split, training and scoring see only the decodable slices."""
     data = ModelCard.read(run["artifact"]).data
-    parts = ("train", "calibration", "test")
-    skipped = {name for part in parts for name in data[f"skipped_{part}"]["examples"]}
-    assert f"{run['broken']}.dcm" in skipped
-    assert sum(data[f"skipped_{part}"]["skipped"] for part in parts) == 1
+    assert data["skipped"] == {"skipped": 1, "reasons": {"truncated": 1}, "examples": [run["broken"]]}
+    assert data["read"]["images"] == data["train_images"] + data["calibration_images"] + data["test_images"] + 1
     for part in ("calibration", "test"):
-        assert data[f"{part}_images_scored"] == data[f"{part}_images"] - data[f"skipped_{part}"]["skipped"]
+        assert data[f"{part}_images_scored"] == data[f"{part}_images"]
+    assert data["cache"].startswith(str(run["root"] / "cache" / "phantoms-"))
+    meta = json.loads((run["root"] / data["cache"] / "cache.json").read_text())
+    assert meta["complete"] and meta["input_size"] == 75 and meta["failed"] == 1
 
 
 def test_resolved_config_history_and_plots_are_saved(run):
@@ -125,6 +128,14 @@ def test_resolved_config_history_and_plots_are_saved(run):
     assert resolved["synthetic_slices"] == [8, 12]
     history = json.loads((folder / "history.json").read_text())
     assert len(history["loss"]) == 1 and len(history["val_weighted_log_loss"]) == 1
+    with open(folder / "history.csv", newline="") as f:       # appended per epoch during the run
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0"] and float(rows[0]["loss"]) == pytest.approx(history["loss"][0])
+    card = ModelCard.read(folder)
+    assert card.training["replicas"] == 1 and card.training["global_batch"] == 8
+    run_dir = run["root"] / "models" / "runs" / "tiny-1"
+    assert json.loads((run_dir / "config.json").read_text())["version"] == "tiny-1"
+    assert not (run_dir / "checkpoint").exists() and not (run_dir / "best.weights.npz").exists()
     for plot in ("loss.png", "precision_recall.png", "study_curves.png"):
         assert (folder / plot).read_bytes()[:8] == PNG
     data = ModelCard.read(folder).data
@@ -179,7 +190,7 @@ def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path,
             rows += [f"{image}_{label},{bleed if label in ('any', 'subdural') else 0}" for label in LABELS]
     (data / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "models"
-    code = main(["--data", str(data), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
+    code = main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
                  "--steps-per-epoch", "1", "--verbose", "0", "--seed", "4", "--out", str(out),
                  "--version", "nosignal-1", "--promote"])
     assert code == 3 and "learned nothing" in capsys.readouterr().err

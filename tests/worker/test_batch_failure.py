@@ -203,3 +203,24 @@ def test_a_study_whose_state_expired_leaves_the_summary_queue(tasks, redis_serve
     client.zadd(keys.ACTIVE_STUDIES, {"1.2.999.gone": 0})
     tasks.sweep_once(now=time.time() + 3600)
     assert client.zscore(keys.ACTIVE_STUDIES, "1.2.999.gone") is None
+
+
+def test_a_result_whose_lock_stays_taken_is_retried_not_dropped(tasks, redis_server, monkeypatch):
+    """deliver_result serialises sends per study and destination with a Redis lock. When the
+    lock cannot be had in time (a PACS that accepted and hangs holds it), redis-py raises
+    LockError; escaping the task, it would end it as failed and acknowledged: a result lost."""
+    client = redis.Redis.from_url(redis_server.url)
+    alert = {"alert_id": "lock-1", "kind": "study_summary", "study_instance_uid": "1.2.777",
+             "model_version": "v1"}
+    destination = "PACS@127.0.0.1:104"
+    held = client.lock(f"{keys.results_sent('1.2.777', 'v1')}:lock:{tasks._destination_index(destination)}",
+                       timeout=30)
+    assert held.acquire(blocking=False)
+    calls = []
+    monkeypatch.setattr(tasks, "RESULT_LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(tasks, "_retry_or_dead_letter", lambda *args, **kw: calls.append(args))
+    try:
+        tasks.deliver_result(alert, destination)
+    finally:
+        held.release()
+    assert len(calls) == 1 and calls[0][1] == alert and calls[0][-1].startswith("result lock:")

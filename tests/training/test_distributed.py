@@ -1,0 +1,117 @@
+"""Every device, and surviving a kill: MirroredStrategy over two logical CPU devices exports
+the same single-device model it trained; a run killed after its first epoch resumes with
+the weights the checkpoint saved."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ich.model import ModelCard
+from training import synthetic
+
+#: Two logical CPU devices must be configured before TensorFlow starts: its own process.
+MIRRORED = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from ich.model import ModelCard, load_artifact, save_artifact
+    from training.cache import SliceCache
+    from training.distribute import make_strategy
+    from training.train import MyDeepModel, weights_digest
+
+    cache = SliceCache.open(sys.argv[1], 75)
+    strategy = make_strategy("mirrored")
+    deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, num_epochs=2, verbose=2,
+                       steps_per_epoch=2, validate_from=2, strategy=strategy, run_dir=sys.argv[2])
+    history = deep.fit_model(cache.slices.take(np.arange(16)), cache.slices.take(np.arange(16, 24)), cache)
+    exported = deep.export_model()
+    x = next(iter(cache.batches(cache.slices, 8, training=False)))[0]
+    card = ModelCard(version="mirrored", engine="InceptionV3", input_size=75, thresholds={})
+    loaded, _ = load_artifact(save_artifact(exported, card, sys.argv[3]))
+    print(json.dumps({
+        "replicas": deep.replicas, "global_batch": deep.global_batch,
+        "learning_rate": deep.learning_rate, "losses": history.history["loss"],
+        "devices": sorted({v.device for v in deep.model.weights[0].value.values}),
+        "exported_devices": sorted({v.value.device for v in exported.weights}),
+        "same_weights": weights_digest(exported) == weights_digest(deep.model),
+        "max_difference": float(np.abs(np.asarray(deep.model(x, training=False))
+                                       - np.asarray(loaded(x, training=False))).max())}))
+""")
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    synthetic.generate(root, studies=4, seed=9, slices=(6, 8))
+    return root
+
+
+def test_mirrored_strategy_on_two_devices_exports_the_model_it_trained(phantoms, tmp_path):
+    from training.prepare import prepare
+
+    cache = prepare(phantoms, tmp_path / "cache", 75, processes=1)
+    proc = subprocess.run([sys.executable, "-c", MIRRORED, str(cache.root), str(tmp_path / "run"),
+                           str(tmp_path / "models")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2 and len(result["devices"]) == 2          # one copy per device
+    assert result["global_batch"] == 8 and result["learning_rate"] == pytest.approx(6e-4)
+    assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+    assert len(result["exported_devices"]) == 1 and result["same_weights"]
+    assert result["max_difference"] < 1e-5           # the artifact predicts what training had
+    # non-TTY progress: one line per epoch with images/s, no progress bar
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" done")[0] for line in lines if re.match(r"epoch \d/2 done in", line)] == [
+        "epoch 1/2", "epoch 2/2"]
+    assert sum(" step 1/2: " in line for line in lines) == 2          # and every N steps
+    assert all(re.search(r"\d+\.\d img/s", line) for line in lines) and "\x1b[" not in proc.stdout
+    with open(tmp_path / "run" / "history.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]
+
+
+def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, tmp_path):
+    out = tmp_path / "models"
+    argv = [sys.executable, "-m", "training", "--synthetic-studies", "4", "--synthetic-slices", "6", "8",
+            "--synthetic-dir", str(phantoms), "--site-studies", "0", "--input-size", "75",
+            "--batch-size", "4", "--epochs", "2", "--steps-per-epoch", "2", "--seed", "5",
+            "--out", str(out), "--version", "killed-1", "--verbose", "2", "--allow-failed"]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    saved = None
+    try:
+        for line in first.stderr:
+            found = re.search(r"checkpoint: epoch 1 saved to .* \(weights (\w+)\)", line)
+            if found:
+                saved = found.group(1)
+                first.send_signal(signal.SIGKILL)     # as an OOM kill or a pre-empted node would
+                break
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert saved, "the first run never saved a checkpoint"
+    run_dir = out / "runs" / "killed-1"
+    assert not (out / "killed-1").exists() and (run_dir / "checkpoint").is_dir()
+
+    resumed = subprocess.run([sys.executable, "-m", "training", "--resume", str(run_dir)],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode in (0, 3), resumed.stderr[-4000:]
+    assert f"resuming at epoch 2 from {run_dir / 'checkpoint'} (weights {saved})" in resumed.stderr
+    assert "checkpoint: epoch 1 saved" not in resumed.stderr          # epoch 1 was not redone
+    assert "checkpoint: epoch 2 saved" in resumed.stderr
+    card = ModelCard.read(out / "killed-1")
+    assert card.version == "killed-1" and card.metrics["best_epoch"] == 2
+    with open(out / "killed-1" / "history.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]    # one row per epoch, across both
+    assert json.loads((out / "killed-1" / "config.json").read_text())["epochs"] == 2

@@ -1,0 +1,83 @@
+"""Every accelerator of a node, or of several: the tf.distribute strategy and mixed precision.
+
+`--strategy auto` (the default) picks, in this order:
+- `MultiWorkerMirroredStrategy` when `TF_CONFIG` names a cluster of more than one worker (one
+  process per node, each with every GPU of its node; deploy/training/README.md shows a
+  two-node launch);
+- `MirroredStrategy` when more than one GPU is visible;
+- otherwise the default strategy: one device, exactly the single-GPU or CPU run of before.
+`--strategy mirrored` asks for MirroredStrategy on one node even without GPUs: over the
+logical CPU devices (how the tests exercise it on two CPU devices).
+
+The batch size of the configuration is per replica: the global batch is that times the replicas
+in sync, and the learning rate is scaled by the same factor (the linear scaling rule of Goyal et
+al. 2017), so a recipe measured on one device keeps its per-example step on eight.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "mirrored", "multi-worker", "none")
+PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def cluster_workers() -> int:
+    """Workers named by TF_CONFIG (0 without one)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG", "") or "{}").get("cluster", {})
+    except ValueError:
+        raise ValueError("TF_CONFIG is not valid JSON") from None
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def make_strategy(name: str = "auto"):
+    """The tf.distribute strategy for `name` (see the module docstring). Create it before any
+    other TensorFlow work: a multi-worker strategy must come first in the process."""
+    import tensorflow as tf
+
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {name!r}")
+    if name == "multi-worker" or (name == "auto" and cluster_workers() > 1):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif name == "auto" and len(tf.config.list_physical_devices("GPU")) > 1:
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    log.info("strategy %s: %d replica(s) in sync", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files (checkpoints, artifact): always, except
+    on the non-chief workers of a multi-worker cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
+
+
+@contextlib.contextmanager
+def precision(name: str = "none"):
+    """Keras' global dtype policy for the block (`bf16`: mixed_bfloat16, for GPUs from
+    Ampere and TPUs; `fp16`: mixed_float16 with loss scaling, which Keras adds at compile);
+    float32 again afterwards. Variables stay float32; the output layer computes in float32."""
+    import keras
+
+    if name not in PRECISIONS:
+        raise ValueError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[name])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
