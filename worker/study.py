@@ -228,7 +228,7 @@ class StudyStore:
         scored = [r for r in records if "probabilities" in r]
         decision = rule.decide([
             SliceScore([r["probabilities"][label] for label in LABELS], r.get("series_instance_uid") or "",
-                       r.get("slice_position"), r.get("frame_number") or r.get("instance_number"))
+                       r.get("slice_position"), _neighbour_number(r))
             for r in scored])
         return state, records, scored, rule, decision
 
@@ -281,6 +281,17 @@ class StudyStore:
             "alerted_at": alerted_at,
             "latency_seconds": round(alerted_at - received, 6),
         }
+
+
+def _neighbour_number(record: dict[str, Any]) -> float | None:
+    """The number the rule orders a slice by (ich.decision: consecutive numbers are neighbours).
+    A classic slice: its InstanceNumber. A frame of a multi-frame CT: none, so its series is
+    ordered by the z its Plane Position functional group gave (PS3.3 C.7.6.16.2.3): frame
+    numbers follow acquisition, not necessarily space (several stacks, reversed or interleaved
+    frames), and the whole object arrives at once, so no gap can be a frame still in flight."""
+    if record.get("frame_number") is not None:
+        return None
+    return record.get("instance_number")
 
 
 def _reading_order(record: dict[str, Any]) -> tuple:

@@ -115,3 +115,61 @@ def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, t
     with open(out / "killed-1" / "history.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]    # one row per epoch, across both
     assert json.loads((out / "killed-1" / "config.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.soak
+def test_two_workers_train_one_model_with_multi_worker_mirrored_strategy(phantoms, tmp_path):
+    """The two-node launch of deploy/training/README.md, on one machine: two processes, one
+    TF_CONFIG cluster over localhost, one prepared cache. Only the chief writes the artifact;
+    both saw the same 2 replicas. (`make soak`: two TensorFlow processes on two cores.)"""
+    from tests.services import free_port
+    from training.prepare import prepare
+
+    cache = prepare(phantoms, tmp_path / "cache", 75, processes=1)
+    cluster = [f"localhost:{free_port()}", f"localhost:{free_port()}"]
+    out = tmp_path / "models"
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
+                                                      "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "training", "--data", str(cache.root), "--input-size", "75",
+             "--batch-size", "4", "--epochs", "2", "--steps-per-epoch", "2", "--seed", "5",
+             "--out", str(out), "--version", "two-workers", "--verbose", "2", "--allow-failed"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode in (0, 3), err[-4000:]
+    for _, err in outputs:
+        assert "strategy MultiWorkerMirroredStrategy: 2 replica(s) in sync" in err
+    card = ModelCard.read(out / "two-workers")
+    assert card.training["replicas"] == 2 and card.training["global_batch"] == 8
+    assert card.training["strategy"] == "MultiWorkerMirroredStrategy"
+    digests = [re.findall(r"checkpoint: epoch 2 saved .* \(weights (\w+)\)", err) for _, err in outputs]
+    assert digests[0] and digests[0] == digests[1]          # the two replicas hold one model
+
+
+def test_mixed_precision_computes_in_bf16_and_exports_a_float32_model():
+    """--mixed-precision bf16: layers compute in bfloat16 with float32 variables, the output
+    layer in float32; the exported artifact computes in float32 throughout and predicts what
+    the bf16 model does, to bf16's precision."""
+    import keras
+
+    from training.distribute import precision
+    from training.train import MyDeepModel, _all_layers, weights_digest
+
+    with precision("bf16"):
+        deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, verbose=0)
+    assert keras.config.dtype_policy().name == "float32"          # restored after the block
+    convs = [layer for layer in _all_layers(deep.model) if isinstance(layer, keras.layers.Conv2D)]
+    assert convs[0].compute_dtype == "bfloat16" and convs[0].variable_dtype == "float32"
+    assert deep.model.get_layer("ich").compute_dtype == "float32"
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 75, 75, 3), np.float32)
+    y = (rng.random((4, 6)) < 0.3).astype(np.float32)
+    assert np.isfinite(deep.model.train_on_batch(x, y))
+    exported = deep.export_model()
+    assert {layer.compute_dtype for layer in _all_layers(exported)} == {"float32"}
+    assert weights_digest(exported) == weights_digest(deep.model)
+    mixed, full = np.asarray(deep.model(x, training=False)), np.asarray(exported(x, training=False))
+    assert mixed.dtype == full.dtype == np.float32 and np.abs(mixed - full).max() < 0.05

@@ -90,3 +90,26 @@ def test_a_redelivered_copy_never_overwrites_the_recorded_result(redis_url):
     resent = SliceMeta("1.2.3.77", "1.2.3.77.1", "1.2.3.77.1.1", instance_number=1)   # new token
     store.record([SliceResult(resent, dict(zip(LABELS, [0.1] * 6)))], rule, "v1")
     assert store.results("1.2.3.77")[0]["probabilities"][ANY] == 0.1
+
+
+def test_frames_of_a_multi_frame_ct_are_neighbours_by_position_not_frame_number(redis_url):
+    """Issue 15: frames are ordered by the z of their Plane Position for the study rule. An
+    Enhanced CT whose frames interleave two stacks (frame numbers 1..6, z 0, 10, 20 then 5, 15,
+    25) has its two bright frames 2 and 5 at z 10 and 15: neighbours in space, not in number.
+    Under consecutive-2 the study alerts; ordered by frame number it would not."""
+    store = StudyStore(redis.Redis.from_url(redis_url), ttl_s=600)
+    rule = StudyRule("consecutive", 2, {**DEFAULT_THRESHOLDS, ANY: 0.5})
+    uid = "1.2.3.88"
+    meta = SliceMeta(uid, f"{uid}.1", f"{uid}.1.1", instance_number=1, slice_position=0.0)
+    z = {1: 0.0, 2: 10.0, 3: 20.0, 4: 5.0, 5: 15.0, 6: 25.0}
+    bright = {2, 5}                                            # z 10 and 15
+    store.record([SliceResult(meta, dict(zip(LABELS, [0.9 if f in bright else 0.1] * 6)), frame=f,
+                              position=z[f]) for f in z], rule, "v1")
+    alert = store.build_alert("study_summary", uid)
+    assert alert["positive"][ANY]
+    # the same frames as classic slices numbered 1..6 in that order: frames 2 and 5 are apart
+    other = "1.2.3.89"
+    store.record([SliceResult(SliceMeta(other, f"{other}.1", f"{other}.1.{f}", instance_number=f,
+                                        slice_position=z[f]),
+                              dict(zip(LABELS, [0.9 if f in bright else 0.1] * 6))) for f in z], rule, "v1")
+    assert not store.build_alert("study_summary", other)["positive"][ANY]
