@@ -104,10 +104,20 @@ def digest(alert: dict) -> str:
     return uuid.uuid5(_NAMESPACE, json.dumps(said, sort_keys=True)).hex
 
 
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that the
+#: SR and the key image copy from the scanned slice. A slice may lack them (a sender that
+#: strips them); they are then written empty, as Type 2 allows, instead of failing the result.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def build(alert: dict, evidence: dict[str, bytes], previous: Sent | None) -> list[Dataset]:
     """The objects to store for `alert`: its SR and, when positive with a key slice, the key
     image. Raises KeyError without a kept header (a study scored before results were on)."""
     header = pydicom.dcmread(io.BytesIO(evidence["header"]))
+    for keyword in TYPE2_COPIED:
+        if keyword not in header:
+            setattr(header, keyword, "")
     earlier = None
     if previous is not None:
         earlier = _reference(header, previous.sr_sop_instance_uid, ComprehensiveSRStorage,

@@ -209,6 +209,10 @@ def _deliver_result(self, pacs, alert: dict, destination: str, index: int, sent_
         log.warning("alert %s: no header kept for its study; no DICOM result for destination %d",
                     alert["alert_id"], index)
         return
+    except Exception as exc:  # noqa: BLE001 — a header no SR can be built from: it never will be
+        _retry_or_dead_letter(self, alert, metrics.results, "destination", "destination", index,
+                              f"cannot build the result: {type(exc).__name__}", retry=False)
+        return
     try:
         tls = (pacs.tls_context(settings.result_tls_ca, settings.tls_cert, settings.tls_key)
                if settings.result_tls_ca else None)

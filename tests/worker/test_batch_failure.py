@@ -224,3 +224,66 @@ def test_a_result_whose_lock_stays_taken_is_retried_not_dropped(tasks, redis_ser
     finally:
         held.release()
     assert len(calls) == 1 and calls[0][1] == alert and calls[0][-1].startswith("result lock:")
+
+
+def test_a_changed_result_supersedes_the_sent_one_and_an_unchanged_one_is_not_sent(tasks, redis_server):
+    """Issue 15, without timing: a real pynetdicom Storage SCP as the PACS. The first_positive
+    stores an SR and a key image; a summary that says the same stores nothing ("unchanged"); a
+    summary that says more stores a new SR naming the first in Predecessor Documents
+    (PS3.3 C.17.2.3) and a key image again. The slices carry no Patient module (Type 2, a
+    sender may strip it): the SR is built with those attributes empty (highdicom raised
+    AttributeError before, which ended the task acknowledged and lost the result)."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+    from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+    from ich.decision import StudyRule
+    from ich.labels import ANY, DEFAULT_THRESHOLDS, LABELS
+    from worker.study import SliceResult
+    from tests.services import free_port
+
+    received = []
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    scp = AE(ae_title="PACS")
+    for context in AllStoragePresentationContexts:
+        scp.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        uid, series = generate_uid(), generate_uid()
+        rule = StudyRule("max", 1, {**DEFAULT_THRESHOLDS, ANY: 0.5})
+
+        def score(instance: int, p: float) -> None:
+            ds = ct_dataset(lesion_hu(64, seed=instance))
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = uid, series
+            meta = SliceMeta(uid, series, ds.SOPInstanceUID, instance_number=instance)
+            result = SliceResult(meta, dict(zip(LABELS, [p] * 6)))
+            tasks.studies.record([result], rule, "v1")
+            tasks.studies.keep_evidence(uid, to_bytes(ds), result)
+
+        destination = f"PACS@127.0.0.1:{port}"
+
+        def deliver(kind):
+            before = len(received)
+            tasks.deliver_result(tasks.studies.build_alert(kind, uid), destination)
+            return received[before:]
+
+        score(1, 0.8)
+        first = deliver("first_positive")
+        assert sorted(str(ds.SOPClassUID) for ds in first) == [SecondaryCaptureImageStorage, ComprehensiveSRStorage]
+        assert deliver("study_summary") == []                         # says nothing new
+        score(2, 0.95)                                                # a more suspicious slice
+        second = deliver("study_summary")
+        [sr] = [ds for ds in second if ds.SOPClassUID == ComprehensiveSRStorage]
+        [old] = [ds for ds in first if ds.SOPClassUID == ComprehensiveSRStorage]
+        assert sr.SOPInstanceUID != old.SOPInstanceUID and len(second) == 2
+        predecessor = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert predecessor.ReferencedSOPInstanceUID == old.SOPInstanceUID
+        assert deliver("study_summary") == []                         # and once only
+    finally:
+        server.shutdown()
