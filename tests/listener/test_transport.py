@@ -24,6 +24,33 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _closed_by_listener(peers) -> float:
+    """Seconds until the listener has closed every socket in `peers` (each closed here too)."""
+    started = time.monotonic()
+    for peer in peers:
+        try:
+            assert peer.recv(1) == b""                   # closed by the listener
+        except ConnectionResetError:
+            pass
+        finally:
+            peer.close()
+    return time.monotonic() - started
+
+
+def _served_within(port: int, seconds: float, instance: int) -> None:
+    """A real sender is answered Success within `seconds` (slots free up asynchronously)."""
+    study, series = generate_uid(), generate_uid()
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            assert statuses(port, [ct_slice(instance, study, series)]) == [0x0000]
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
 def test_idle_association_does_not_spin(listener):
     scu = SCU(ae_title="TESTSCU")
     scu.add_requested_context(Verification)
@@ -84,17 +111,8 @@ def test_silent_connections_are_closed_early_and_free_their_slots(listener_facto
     from dicom_listener.server import ASSOCIATE_RQ_TIMEOUT_S
 
     listener = listener_factory(ICH_MAX_ASSOCIATIONS="2")   # ICH_DICOM_TIMEOUT_S is 10 here
-    probes = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(3)]
-    started = time.monotonic()
-    for probe in probes:
-        probe.settimeout(20)
-        try:
-            assert probe.recv(1) == b""                   # closed by the listener
-        except ConnectionResetError:
-            pass
-        finally:
-            probe.close()
-    waited = time.monotonic() - started
+    probes = [socket.create_connection(("127.0.0.1", listener.port), timeout=20) for _ in range(3)]
+    waited = _closed_by_listener(probes)
     assert ASSOCIATE_RQ_TIMEOUT_S - 1 < waited < 9.0, f"probes closed after {waited:.1f} s"
     study, series = generate_uid(), generate_uid()
     assert statuses(listener.port, [ct_slice(0, study, series)]) == [0]   # slots are free again
@@ -111,23 +129,10 @@ def test_a_declared_giant_pdu_allocates_nothing_and_is_closed(listener):
         s = socket.create_connection(("127.0.0.1", listener.port), timeout=10)
         s.sendall(b"\x01\x00\xff\xff\xff\xff")        # A-ASSOCIATE-RQ, length 4 GiB - 1
         peers.append(s)
-    started = time.monotonic()
-    for s in peers:
-        assert s.recv(1) == b""                          # the listener closed it
-        s.close()
-    assert time.monotonic() - started < 5
+    assert _closed_by_listener(peers) < 5
     assert memory_mib(listener.proc.pid) - idle < 50
     # Their association slots free within the ACSE cleanup; then a real sender is served.
-    study, series = generate_uid(), generate_uid()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            assert statuses(listener.port, [ct_slice(1, study, series)]) == [0x0000]
-            break
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
+    _served_within(listener.port, 10, instance=1)
     assert "declared a 4294967295-byte PDU" in listener.log()
 
 
@@ -144,23 +149,6 @@ def test_a_peer_that_stalls_inside_a_pdu_is_closed_after_the_network_timeout(lis
         s = socket.create_connection(("127.0.0.1", listener.port), timeout=30)
         s.sendall(b"\x01\x00\x00\x00\x10\x00" + b"\x00" * 100)   # A-ASSOCIATE-RQ of 4 KiB: 100 B sent
         peers.append(s)
-    started = time.monotonic()
-    for s in peers:
-        try:
-            assert s.recv(1) == b""                      # closed by the listener
-        except ConnectionResetError:
-            pass
-        finally:
-            s.close()
-    waited = time.monotonic() - started
+    waited = _closed_by_listener(peers)
     assert 2.0 < waited < 12.0, f"stalled peers closed after {waited:.1f} s"
-    study, series = generate_uid(), generate_uid()
-    deadline = time.monotonic() + 10
-    while True:                                          # their slots are free again
-        try:
-            assert statuses(listener.port, [ct_slice(2, study, series)]) == [0x0000]
-            break
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
+    _served_within(listener.port, 10, instance=2)        # their slots are free again
