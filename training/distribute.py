@@ -52,8 +52,18 @@ def make_strategy(name: str = "auto"):
         strategy = tf.distribute.MirroredStrategy()
     else:
         strategy = tf.distribute.get_strategy()
-    log.info("strategy %s: %d replica(s) in sync", type(strategy).__name__, strategy.num_replicas_in_sync)
+    log.info("strategy %s: %d replica(s) in sync", strategy_name(strategy), strategy.num_replicas_in_sync)
     return strategy
+
+
+def strategy_name(strategy) -> str:
+    """The public name of a strategy (TensorFlow's class behind MultiWorkerMirroredStrategy
+    is called CollectiveAllReduceStrategy)."""
+    import tensorflow as tf
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
 
 
 def is_chief(strategy) -> bool:

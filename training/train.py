@@ -37,7 +37,7 @@ from training.cache import SliceCache, is_cache
 from training.config import TrainConfig, steps_per_epoch
 from training.data import (DataError, Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
                            read_trainset, slice_headers, split)
-from training.distribute import is_chief, make_strategy, precision
+from training.distribute import is_chief, make_strategy, precision, strategy_name
 from training.studies import StudySet
 
 log = logging.getLogger(__name__)
@@ -286,9 +286,37 @@ class MyDeepModel:
         line_progress = self.verbose == 2 or (self.verbose == 1 and not sys.stdout.isatty())
         if line_progress:
             callbacks.append(progress_callback(self.num_epochs, steps, self.global_batch))
-        return self.model.fit(self._train_batches(train_df), epochs=self.num_epochs,
-                              steps_per_epoch=steps, callbacks=callbacks,
-                              verbose=0 if line_progress else self.verbose, shuffle=False)
+        with self._fit_scope():
+            return self.model.fit(self._train_batches(train_df), epochs=self.num_epochs,
+                                  steps_per_epoch=steps, callbacks=callbacks,
+                                  verbose=0 if line_progress else self.verbose, shuffle=False)
+
+    @contextlib.contextmanager
+    def _fit_scope(self):
+        """Keras 3's `fit` under MultiWorkerMirroredStrategy fails twice before its first step
+        (tensorflow/tensorflow#72388): it builds the model symbolically from one batch got by
+        `strategy.reduce` of the (images, labels) tuple, which that strategy cannot reduce
+        ("Attempt to convert a value (PerReplica...) to a Tensor"), and it reduces each
+        scalar log of a step with `axis=0` ("Invalid reduction dimension 0 for input with 0
+        dimensions"). Our model is built already, so under that strategy fit runs inside its
+        scope with the model's own strategy unset (Keras then skips the symbolic build, its
+        fallback: build at trace time, and reads the strategy from the scope), and each log
+        leaves the step as a one-element vector, whose mean over axis 0 is the mean over the
+        workers: the same scalar the other strategies log."""
+        import tensorflow as tf
+
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            yield
+            return
+        step = self.model.train_step
+        saved, self.model._distribute_strategy = self.model._distribute_strategy, None
+        self.model.train_step = lambda data: {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+        try:
+            with self.strategy.scope():
+                yield
+        finally:
+            self.model._distribute_strategy = saved
+            del self.model.train_step          # the class's own again
 
     def _train_batches(self, train_df: Slices):
         """The training pipeline: one per device group; with several replicas, one per input
@@ -651,7 +679,7 @@ def run(config: TrainConfig) -> Path:
                           "test": len(set(headers.studies[test_idx]))},
               "read": cache.meta["read"], "skipped": cache.report(),
               "train_prevalence": dict(zip(LABELS, map(float, train.prevalence())))},
-        training={"strategy": type(strategy).__name__, "replicas": deep.replicas,
+        training={"strategy": strategy_name(strategy), "replicas": deep.replicas,
                   "global_batch": deep.global_batch, "learning_rate": deep.learning_rate,
                   "mixed_precision": config.mixed_precision, "run_dir": str(run_dir)},
         notes=_notes(config, rule),

@@ -117,11 +117,10 @@ def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, t
     assert json.loads((out / "killed-1" / "config.json").read_text())["epochs"] == 2
 
 
-@pytest.mark.soak
 def test_two_workers_train_one_model_with_multi_worker_mirrored_strategy(phantoms, tmp_path):
     """The two-node launch of deploy/training/README.md, on one machine: two processes, one
     TF_CONFIG cluster over localhost, one prepared cache. Only the chief writes the artifact;
-    both saw the same 2 replicas. (`make soak`: two TensorFlow processes on two cores.)"""
+    both saw the same 2 replicas and end with the same weights."""
     from tests.services import free_port
     from training.prepare import prepare
 
@@ -137,7 +136,11 @@ def test_two_workers_train_one_model_with_multi_worker_mirrored_strategy(phantom
              "--batch-size", "4", "--epochs", "2", "--steps-per-epoch", "2", "--seed", "5",
              "--out", str(out), "--version", "two-workers", "--verbose", "2", "--allow-failed"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    outputs = [p.communicate(timeout=900) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=500) for p in procs]
+    finally:       # a worker whose peer failed waits for it forever, and ignores SIGTERM
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode in (0, 3), err[-4000:]
     for _, err in outputs:
