@@ -195,15 +195,14 @@ class SliceCache:
 
         Training: reshuffled every epoch, repeated forever, full batches only, positive
         oversampling as `training.data.dataset` does it, HU augmentation (a
-        `training.data.HUAugment`) then geometric augmentation of the HU, then windows; yields
+        `training.data.HUAugment`) then windows then geometric augmentation; yields
         (images, labels). `shard` (count, index): this input pipeline's share of the rows,
         one per worker under a multi-worker strategy.
         Otherwise: in order, once; yields (windowed images, positions in `slices`).
         """
         import tensorflow as tf
 
-        from ich.imaging import AIR_HU
-        from training.data import geometric, index_dataset, tf_windows
+        from training.data import augmenter, index_dataset, tf_windows
 
         if slices.rows is None:
             raise ValueError("these slices are not rows of a prepared cache")
@@ -227,15 +226,16 @@ class SliceCache:
         ds = ds.batch(batch_size, drop_remainder=True).enumerate()
 
         def load(step, p):
-            hu, batch_seed = read(p), tf.stack([tf.constant(seed + index, tf.int64), step])
+            hu = read(p)
             if hu_augment is not None:
-                hu = hu_augment.tf(hu, batch_seed)
-            if augment:     # on the one HU channel, air outside: 0 in every window
-                hu = geometric(hu[..., None], tf.random.experimental.stateless_fold_in(batch_seed, 1),
-                               AIR_HU)[..., 0]
+                hu = hu_augment.tf(hu, tf.stack([tf.constant(seed + index, tf.int64), step]))
             return tf_windows(hu), tf.gather(labels, p)
 
-        return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if augment:
+            layer = augmenter(seed + index)
+            ds = ds.map(lambda x, y: (layer(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _float(text: str) -> float:
