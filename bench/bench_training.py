@@ -7,7 +7,7 @@ into bench/results/):
    RSNA training set (752,803 slices) would take on a 32-core host at that per-process rate;
 2. the per-core DICOM decode rate (`ich.imaging.load_slice`, one thread) against the training
    input pipeline read from the cache alone (no model), in three parts: the shard reads, +
-   windows, + HU augmentation and the geometric warp: images/s per core and their ratio to
+   windows, + HU and geometric augmentation: images/s per core and their ratio to
    the decode rate (target >= 10);
 3. `fit` of the same InceptionV3 fed from the cache and from DICOM (training.data.dataset, a
    2-thread decoder), alternating, same model and run: the img/s ratio;
@@ -66,7 +66,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"DICOM decode, 1 thread: {decode:.0f} slices/s per core")
     for label, augment in (("reads only (float16 HU)", None), ("reads + windows", False),
-                           ("HU augment + geometric warp + windows", True)):
+                           ("HU augment + windows + geometric augment", True)):
         pipeline = pipeline_rate(cache, args.batch * 4, batches=60, augment=augment)
         print(f"cache pipeline, {label}, {cores} cores: {pipeline:.0f} img/s = {pipeline / cores:.0f} "
               f"per core = {pipeline / cores / decode:.1f}x the decode rate (target >= 10)")
