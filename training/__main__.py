@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if folder is None:          # a non-chief worker: the chief reports the artifact
+        return 0
     from ich.model import ModelCard
 
     card = ModelCard.read(folder)

@@ -581,9 +581,9 @@ def score_heldout(model, config: TrainConfig, sets: dict[str, Path], slice_thres
     return results
 
 
-def run(config: TrainConfig) -> Path:
+def run(config: TrainConfig) -> Path | None:
     """data → cache → split → fit → study rule and thresholds → figures on test studies →
-    artifact (→ promote). Returns its folder."""
+    artifact (→ promote). Returns its folder; None on a non-chief worker, which writes none."""
     import keras
 
     from ich.model import ModelCard, promote, save_artifact
@@ -684,8 +684,8 @@ def run(config: TrainConfig) -> Path:
                   "mixed_precision": config.mixed_precision, "run_dir": str(run_dir)},
         notes=_notes(config, rule),
         status="ok" if quality["passed"] else "failed", verdict=quality)
-    if not is_chief(strategy):
-        return Path(config.out) / version
+    if not is_chief(strategy):     # the chief writes and judges the artifact, maybe not yet
+        return None
     out = save_artifact(model, card, Path(config.out))
     if head is not None:
         head.save(out / "context.keras")
