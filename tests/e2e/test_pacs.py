@@ -100,9 +100,18 @@ def test_sr_and_key_image_reach_the_pacs_once_it_is_back(tmp_path):
             return [i for i in orthanc.instances(uid[name])
                     if i["SOPClassUID"] in (ComprehensiveSRStorage, SecondaryCaptureImageStorage)]
 
-        deadline = time.monotonic() + 90
-        while not (ours("positive") and ours("negative")) and time.monotonic() < deadline:
+        # Three results are due at PACS (the positive study's first_positive and summary, the
+        # negative study's summary); each ends stored or "unchanged". Retries back off up to
+        # 16 s here, so wait for all three rather than for the first object to appear.
+        def settled() -> float:
+            counts = p.metrics("alerts")
+            return sum(counts.get(f'ich_dicom_results_total{{outcome="{o}"}}', 0)
+                       for o in ("stored", "unchanged"))
+
+        deadline = time.monotonic() + 120
+        while settled() < 3 and time.monotonic() < deadline:
             time.sleep(1.0)
+        assert settled() >= 3, "not every result reached the PACS once it was back"
         time.sleep(3.0)   # anything sent twice would arrive now
         positive, negative = ours("positive"), ours("negative")
         classes = sorted(i["SOPClassUID"] for i in positive)
@@ -115,6 +124,10 @@ def test_sr_and_key_image_reach_the_pacs_once_it_is_back(tmp_path):
         srs = sorted((i for i in positive if i["SOPClassUID"] == ComprehensiveSRStorage),
                      key=lambda i: int(i["InstanceNumber"]))
         assert len(srs) == len({i["SOPInstanceUID"] for i in srs}) <= 2   # first_positive, summary
+        # Once: every store ICH Watch made is a distinct SR in the PACS (the UIDs are stable, so
+        # Orthanc would keep one copy of a result sent twice; the counter would not).
+        stored = p.metrics("alerts")['ich_dicom_results_total{outcome="stored"}']
+        assert stored == len(srs) + 1, f"{stored:.0f} stores for {len(srs) + 1} results"
         # The SR references key slices that are in the study, and says the bleed is present.
         sr = pydicom_of(orthanc, srs[-1]["id"])
         referenced = {r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence

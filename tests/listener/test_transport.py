@@ -114,8 +114,9 @@ def test_silent_connections_are_closed_early_and_free_their_slots(listener_facto
     probes = [socket.create_connection(("127.0.0.1", listener.port), timeout=20) for _ in range(3)]
     waited = _closed_by_listener(probes)
     assert ASSOCIATE_RQ_TIMEOUT_S - 1 < waited < 9.0, f"probes closed after {waited:.1f} s"
-    study, series = generate_uid(), generate_uid()
-    assert statuses(listener.port, [ct_slice(0, study, series)]) == [0]   # slots are free again
+    # Slots are free again: each probe's thread ends just after its socket closes, so allow
+    # the moment it takes (the CI run that asked at once was refused "local limit exceeded").
+    _served_within(listener.port, 3.0, 0)
 
 
 def test_a_declared_giant_pdu_allocates_nothing_and_is_closed(listener):
