@@ -86,6 +86,11 @@ class PDUTooLong(OSError):
     it treats an OSError while reading a PDU as the transport closing, PS3.8 Evt17)."""
 
 
+#: A-ABORT PDU (PS3.8 §9.3.8): source 2 = DICOM UL service-provider, reason 6 = invalid PDU
+#: parameter value (Table 9-26): what the peer is told before its connection is closed.
+A_ABORT_INVALID_PDU = bytes([0x07, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x02, 0x06])
+
+
 class BulkRecvSocket(AssociationSocket):
     """pynetdicom reads a PDU in 4 KiB `recv` calls appended to a bytearray: 130 calls and
     copies per 512² slice. One preallocated buffer filled by `recv_into` reads the same bytes
@@ -97,8 +102,12 @@ class BulkRecvSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BODY:
-            log.warning("closing a connection that declared a %d-byte PDU (longest accepted %d)",
+            log.warning("aborting a connection that declared a %d-byte PDU (longest accepted %d)",
                         nr_bytes, MAX_PDU_BODY)
+            try:   # best effort, bounded by the socket's timeout: the peer may not be reading
+                self.socket.sendall(A_ABORT_INVALID_PDU)
+            except OSError:
+                pass
             raise PDUTooLong(f"declared PDU length {nr_bytes} > {MAX_PDU_BODY}")
         buffer = bytearray(nr_bytes)
         view, got = memoryview(buffer), 0

@@ -11,6 +11,7 @@ from pynetdicom import AE as SCU
 from pynetdicom.sop_class import Verification
 
 from tests.listener.conftest import AE
+from dicom_listener.send import responses_stay_queued
 from tests.listener.test_listener import ct_slice, statuses
 from tests.services import memory_mib
 
@@ -119,21 +120,59 @@ def test_silent_connections_are_closed_early_and_free_their_slots(listener_facto
     _served_within(listener.port, 3.0, 0)
 
 
-def test_a_declared_giant_pdu_allocates_nothing_and_is_closed(listener):
+def test_a_declared_giant_pdu_allocates_nothing_and_is_aborted(listener):
     """A 6-byte header may declare a 4 GiB PDU (PS3.8 §9.3.1). 16 such connections must leave
-    the listener's memory as it was, be closed at once, and not stop a real sender."""
+    the listener's peak memory within 50 MiB of idle, each be answered with an A-ABORT (invalid
+    PDU parameter value) and closed at once, and a real sender must be served while attackers
+    keep coming (issue 14 item 9)."""
     import socket
+    import threading
 
-    idle = memory_mib(listener.proc.pid)
-    peers = []
-    for _ in range(16):
+    from dicom_listener.server import A_ABORT_INVALID_PDU
+
+    def attack() -> bytes:
         s = socket.create_connection(("127.0.0.1", listener.port), timeout=10)
         s.sendall(b"\x01\x00\xff\xff\xff\xff")        # A-ASSOCIATE-RQ, length 4 GiB - 1
-        peers.append(s)
+        return s
+
+    idle = memory_mib(listener.proc.pid)
+    peers = [attack() for _ in range(16)]
+    answers = []   # what each attacker reads before the listener closes its connection
+    for peer in peers:
+        got = b""
+        try:
+            while len(got) < len(A_ABORT_INVALID_PDU) and (chunk := peer.recv(64)):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        answers.append(got)
     assert _closed_by_listener(peers) < 5
-    assert memory_mib(listener.proc.pid) - idle < 50
-    # Their association slots free within the ACSE cleanup; then a real sender is served.
-    _served_within(listener.port, 10, instance=1)
+    assert answers == [A_ABORT_INVALID_PDU] * 16
+    # Each aborted connection holds its slot until the association's ARTIM wait for an
+    # A-ASSOCIATE-RQ ends (ASSOCIATE_RQ_TIMEOUT_S, as a silent TCP probe does); then a sender
+    # is let in.
+    _served_within(listener.port, 10, instance=20)
+    # A sender in the middle of its association is served while 16 more arrive and are aborted.
+    study, series = generate_uid(), generate_uid()
+    slices = [ct_slice(i, study, series) for i in range(10)]
+    scu = SCU(ae_title="TESTSCU")
+    scu.add_requested_context(slices[0].SOPClassUID, slices[0].file_meta.TransferSyntaxUID)
+    assoc = scu.associate("127.0.0.1", listener.port, ae_title=AE)
+    assert assoc.is_established
+    responses_stay_queued(assoc)
+    try:
+        got = [assoc.send_c_store(ds).get("Status", -1) for ds in slices[:5]]
+        attackers = threading.Thread(target=lambda: _closed_by_listener([attack() for _ in range(16)]))
+        attackers.start()
+        got += [assoc.send_c_store(ds).get("Status", -1) for ds in slices[5:]]
+        attackers.join(15)
+    finally:
+        assoc.release()
+    assert got == [0x0000] * 10
+    _served_within(listener.port, 10, instance=11)       # and a new sender after them
+    peak = memory_mib(listener.proc.pid, "VmHWM")
+    assert peak - idle < 50, f"peak RSS {peak:.0f} MiB against {idle:.0f} MiB idle"
+    print(f"listener RSS idle {idle:.0f} MiB, peak under attack {peak:.0f} MiB")
     assert "declared a 4294967295-byte PDU" in listener.log()
 
 
