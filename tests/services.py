@@ -89,6 +89,13 @@ class RedisServer:
             self.proc.wait(10)
         self.proc = None
 
+    def crash(self) -> None:
+        """SIGKILL: no shutdown save, no final fsync; what survives is what the AOF held."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
 

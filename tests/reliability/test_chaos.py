@@ -1,5 +1,6 @@
 """Chaos (issue 14): senders store studies through the real listener while the scoring worker is
-SIGKILLed at random moments and the alerts worker and Redis are each restarted once. Afterwards
+SIGKILLed at random moments, the alerts worker is restarted once and Redis is SIGKILLed once
+(a crash: what it had answered for must come back from its append-only file). Afterwards
 every slice a sender was answered Success for has exactly one result (scored, or failed with a
 named reason), every positive study exactly one delivered first_positive, no alert twice.
 
@@ -47,7 +48,7 @@ class Report:
                 f"{scored} scored, {sum(failed.values())} failed with reason {dict(failed)}, "
                 f"lost {lost}, duplicate alerts {duplicates}, re-queued from the ledger "
                 f"{requeued}; {self.kills} SIGKILLs of the scoring "
-                f"worker, alerts worker and Redis restarted once; {took:.0f} s")
+                f"worker, alerts worker restarted and Redis SIGKILLed once; {took:.0f} s")
 
 
 def _sender(port: int, studies: list[tuple[str, bool]], gap_s: float, report: Report,
@@ -126,8 +127,8 @@ def run_chaos(tmp_path, slices: int, senders: int, kills: int, seed: int) -> Non
             elif what == "alerts":
                 p.alerts.stop()
                 p.alerts.start(wait_port=p.alert_metrics, timeout=120)
-            else:
-                redis_server.stop()
+            else:   # a crash, not a shutdown: Success must mean fsynced (appendfsync always)
+                redis_server.crash()
                 time.sleep(1.0)
                 redis_server.start()
         for t in threads:

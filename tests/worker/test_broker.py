@@ -18,6 +18,23 @@ def test_the_redis_transport_applies_the_unacked_restore_options(redis_server):
         assert channel.unacked_restore_throttle == 1
 
 
+def test_the_declared_requirements_cannot_bring_a_kombu_without_the_restore_options():
+    """Issue 14 item 5: the options above exist from kombu 5.7; with `celery[redis]>=5.5` alone
+    pip could install kombu 5.5 or 5.6, which ignores them and restores every ~100 s. The test
+    above checks the installed kombu; this one checks what a fresh install may pick."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    kombu = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "kombu"]
+    assert kombu, "kombu is not pinned: celery[redis] alone allows kombu < 5.7"
+    for old in ("5.5.4", "5.6.2", "5.7.0rc1"):
+        assert not kombu[0].specifier.contains(old, prereleases=True), old
+    assert kombu[0].specifier.contains("5.7.0")
+
+
 def test_the_procfile_alerts_worker_behind_a_hanging_consumer_reserves_one_delivery_per_thread(
         redis_server, tmp_path):
     """Issue 14 item 7: reserved deliveries wait unacknowledged; held past the visibility
