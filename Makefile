@@ -34,10 +34,12 @@ soak: install system-deps
 run: install system-deps
 	@scripts/run
 
-# Sends one synthetic positive and one negative study to the node `make run` started.
+# Sends one synthetic positive and one negative study to the node `make run` started;
+# ICH_DEMO_PACS=AET@host:port stores them in that PACS first, as a modality would.
+DEMO_SEND = $(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --site legacy --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH} $${ICH_DEMO_PACS:+--also $$ICH_DEMO_PACS}
 demo: install
-	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --site legacy --positive --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
-	$(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --site legacy --negative --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH}
+	$(DEMO_SEND) --positive
+	$(DEMO_SEND) --negative
 
 bench: install system-deps
 	$(BIN)/python bench/bench_imaging.py

@@ -21,6 +21,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
+from ich.settings import parse_destination
+
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 
 
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--site", default="randomised",
                    help="phantom site: randomised (default, as `make run` trains on) | legacy | site-d")
+    p.add_argument("--also", action="append", default=[], metavar="AET@HOST:PORT",
+                   help="store the same instances there first, as a modality also sends them to "
+                        "PACS (results to PACS then land in a study that holds its slices)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--positive", dest="positive", action="store_true", default=None,
                       help="only phantom studies with a bleed")
@@ -136,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         items += synthetic_datasets(args.synthetic_studies, args.seed, args.positive, args.site)
     if not items:
         p.error("nothing to send: give paths or --synthetic-studies")
+    for destination in args.also:
+        try:
+            aet, host, port = parse_destination(destination)
+        except ValueError:
+            p.error(f"--also {destination}: not AET@host:port")
+        also = send(host, port, aet, args.calling_aet, items)
+        print(f"also stored at {destination}: statuses {dict(sorted(also.items()))}")
+        if also.get("0x0000", 0) != len(items):
+            return 1
     n = max(1, min(args.concurrency, len(items)))
     shares = [(args.host, args.port, args.called_aet, args.calling_aet, items[i::n]) for i in range(n)]
 

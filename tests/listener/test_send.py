@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import pynetdicom.association
+import pytest
 import pynetdicom.dimse
 from pydicom.uid import generate_uid
 
@@ -56,3 +57,36 @@ def test_the_sender_never_loses_a_store_response_to_its_reactor(listener, monkey
     started = time.monotonic()
     assert send.send("127.0.0.1", listener.port, AE, "TESTSCU", slices) == Counter({"0x0000": 8})
     assert time.monotonic() - started < 2.5   # no store waited out a DIMSE timeout
+
+
+def test_also_stores_the_same_study_at_a_pacs_first(listener, capsys):
+    """`make demo` with ICH_DEMO_PACS: the phantom study goes to the PACS as well, so the SR and
+    key image ICH Watch sends back land in a study that holds its slices."""
+    from pynetdicom import AE as SCP, AllStoragePresentationContexts, evt
+
+    from tests.services import free_port
+
+    got: list[str] = []
+
+    def stored(event):
+        got.append(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    pacs = SCP(ae_title="PACS")
+    pacs.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, stored)])
+    try:
+        argv = ["--synthetic-studies", "1", "--seed", "3", "--site", "legacy", "--positive",
+                "--port", str(listener.port), "--called-aet", AE, "--also", f"PACS@127.0.0.1:{port}"]
+        assert send.main(argv) == 0
+    finally:
+        server.shutdown()
+    sent = [ds.SOPInstanceUID for ds in send.synthetic_datasets(1, 3, True, "legacy")]
+    assert sorted(got) == sorted(sent) and len(sent) > 5
+    out = capsys.readouterr().out
+    assert f"also stored at PACS@127.0.0.1:{port}" in out and f"sent {len(sent)} instances" in out
+    with pytest.raises(SystemExit) as refused:   # a malformed destination, before any send
+        send.main(["--synthetic-studies", "1", "--also", "PACS:4242"])
+    assert refused.value.code == 2 and "not AET@host:port" in capsys.readouterr().err
