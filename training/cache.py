@@ -190,14 +190,16 @@ class SliceCache:
 
     def batches(self, slices: Slices, batch_size: int, *, training: bool, seed: int = 0,
                 augment: bool = False, hu_augment=None, positive_fraction: float | None = None,
-                shard: tuple[int, int] = (1, 0)):
+                shard: tuple[int, int] = (1, 0), raw: bool = False):
         """A tf.data pipeline over `slices` (rows of this cache).
 
         Training: reshuffled every epoch, repeated forever, full batches only, positive
         oversampling as `training.data.dataset` does it, HU augmentation (a
         `training.data.HUAugment`) then windows then geometric augmentation; yields
-        (images, labels). `shard` (count, index): this input pipeline's share of the rows,
-        one per worker under a multi-worker strategy.
+        (images, labels). `raw`: yields (float16 HU, labels) and leaves augmentation and
+        windows to the training step, on the accelerator (`training.data.DevicePreprocess`):
+        the host then only reads. `shard` (count, index): this input pipeline's share of the
+        rows, one per worker under a multi-worker strategy.
         Otherwise: in order, once; yields (windowed images, positions in `slices`).
         """
         import tensorflow as tf
@@ -209,11 +211,11 @@ class SliceCache:
         size, rows = self.input_size, np.asarray(slices.rows, np.int64)
         labels = tf.constant(slices.labels, tf.float32)
 
-        def read(positions):
+        def read(positions, dtype=tf.float32):
             hu = tf.numpy_function(lambda p: self.read(rows[p]), [positions], tf.float16,
                                    stateful=False)
             hu.set_shape((None, size, size))
-            return tf.cast(hu, tf.float32)
+            return tf.cast(hu, dtype)
 
         count, index = shard
         positions = np.arange(len(rows))[index::count]
@@ -223,7 +225,12 @@ class SliceCache:
             return (ds.batch(batch_size)
                     .map(lambda p: (tf_windows(read(p)), p), num_parallel_calls=tf.data.AUTOTUNE)
                     .prefetch(tf.data.AUTOTUNE))
-        ds = ds.batch(batch_size, drop_remainder=True).enumerate()
+        ds = ds.batch(batch_size, drop_remainder=True)
+        if raw:
+            return (ds.map(lambda p: (read(p, tf.float16), tf.gather(labels, p)),
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                    .prefetch(tf.data.AUTOTUNE))
+        ds = ds.enumerate()
 
         def load(step, p):
             hu = read(p)

@@ -59,6 +59,7 @@ class TrainConfig:
     cache_dir: str | None = None             # the prepared cache of a DICOM folder (default data/cache/...)
     strategy: str = "auto"                   # training.distribute.STRATEGIES
     mixed_precision: str = "none"            # none | bf16 | fp16
+    augment_on: str = "auto"                 # host (tf.data) | device (training step) | auto: device with a GPU
     resume: str | None = None                # a run folder (<out>/runs/<version>) to continue
     platt: bool = True                       # per-label Platt scaling fitted on calibration
     context: bool = False                    # also train and measure the slice-context head
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, not {self.mixed_precision!r}")
+        if self.augment_on not in ("auto", "host", "device"):
+            raise ConfigError(f"--augment-on must be auto, host or device, not {self.augment_on!r}")
         if self.weights not in ("none", "", "imagenet") and not Path(self.weights).is_file():
             raise ConfigError(f"--weights {self.weights}: no such file (give a local weights file, "
                               "imagenet where the internet is reachable, or none)")
@@ -234,6 +237,10 @@ def parser() -> argparse.ArgumentParser:
                    "one device) | mirrored | multi-worker | none")
     p.add_argument("--mixed-precision", choices=("none", "bf16", "fp16"),
                    help="mixed precision (bf16: Ampere or newer GPUs, TPUs); the artifact is float32")
+    p.add_argument("--augment-on", choices=("auto", "host", "device"),
+                   help="where HU augmentation, windows and geometric augmentation run: host "
+                        "(the tf.data pipeline, CPU) or device (inside the training step, on the "
+                        "accelerator; the CPU only reads the cache); auto: device when a GPU is visible")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its folder (<out>/runs/<version>): its "
                         "config.json, checkpoint and best epoch; flags given override the config")

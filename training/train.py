@@ -35,8 +35,8 @@ from ich.labels import LABELS, WEIGHT_VECTOR
 from training import context, evaluate, studies
 from training.cache import SliceCache, is_cache
 from training.config import TrainConfig, steps_per_epoch
-from training.data import (DataError, Decoder, Slices, dataset, hu_augment, positive_odds_ratio,
-                           read_trainset, slice_headers, split)
+from training.data import (DataError, Decoder, DevicePreprocess, Slices, dataset, hu_augment,
+                           positive_odds_ratio, read_trainset, slice_headers, split)
 from training.distribute import is_chief, make_strategy, precision, strategy_name
 from training.studies import StudySet
 
@@ -221,7 +221,7 @@ class MyDeepModel:
                  weights=None, verbose=1, *, bn_momentum=None, loss="bce",
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
-                 run_dir=None):
+                 run_dir=None, augment_on="host"):
         import tensorflow as tf
 
         from ich.model import build_model
@@ -242,6 +242,7 @@ class MyDeepModel:
         self.logit_shift = 0.0     # log odds ratio of the training sampler (0: natural sampling)
         self.workers, self.seed = workers, seed
         self.hu_augment = hu_augment       # a training.data.HUAugment, or None
+        self.augment_on = augment_on       # "host" (tf.data) or "device" (the training step)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.chief = is_chief(self.strategy)
         resolver = getattr(self.strategy, "cluster_resolver", None)
@@ -305,12 +306,29 @@ class MyDeepModel:
         workers: the same scalar the other strategies log."""
         import tensorflow as tf
 
-        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        multi = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        device = self.augment_on == "device"
+        if not (multi or device):
             yield
             return
         step = self.model.train_step
-        saved, self.model._distribute_strategy = self.model._distribute_strategy, None
-        self.model.train_step = lambda data: {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+        if device:
+            # `--augment-on device`: batches arrive as float16 HU; augmentation and windows run
+            # here, in the compiled step. Keras' symbolic build would feed that HU batch to
+            # the model as it is, so the build is skipped as under multi-worker (below).
+            with self.strategy.scope():
+                prepare = DevicePreprocess(self.seed + self.task_id, self.hu_augment,
+                                           self.augment, self.input_dims[0])
+                if not self.model.optimizer.built:   # that build made its slots before tracing
+                    self.model.optimizer.build(self.model.trainable_variables)
+            iterations, inner = self.model.optimizer.iterations, step
+            step = lambda data: inner((prepare(data[0], iterations), data[1]))   # noqa: E731
+        if multi:
+            logged = step
+            step = lambda data: {k: tf.reshape(v, [1]) for k, v in logged(data).items()}  # noqa: E731
+        saved = self.model._distribute_strategy
+        self.model._distribute_strategy = None
+        self.model.train_step = step
         try:
             with self.strategy.scope():
                 yield
@@ -322,7 +340,8 @@ class MyDeepModel:
         """The training pipeline: one per device group; with several replicas, one per input
         pipeline (worker), each reading its own share of the rows at the per-replica batch."""
         kwargs = {"training": True, "seed": self.seed, "augment": self.augment,
-                  "hu_augment": self.hu_augment, "positive_fraction": self.positive_fraction}
+                  "hu_augment": self.hu_augment, "positive_fraction": self.positive_fraction,
+                  "raw": self.augment_on == "device"}
         if self.replicas == 1:
             return self.cache.batches(train_df, self.global_batch, **kwargs)
         return self.strategy.distribute_datasets_from_function(
@@ -498,6 +517,17 @@ def apply_platt(p: np.ndarray, platt: dict[str, tuple[float, float]]) -> np.ndar
 # ----------------------------------------------------------------------------- one run
 
 
+def augment_on(setting: str) -> str:
+    """`auto`: the accelerator when TensorFlow sees a GPU (the CPU cannot augment fast enough
+    to feed one, docs/training.md), else the tf.data pipeline, which overlaps the augmentation
+    of the next batch with the current step on a CPU."""
+    if setting != "auto":
+        return setting
+    import tensorflow as tf
+
+    return "device" if tf.config.list_physical_devices("GPU") else "host"
+
+
 def default_version(engine: str) -> str:
     return f"ich-{engine.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
@@ -617,10 +647,10 @@ def run(config: TrainConfig) -> Path | None:
             augment=config.augment, bn_recalibrate=config.bn_recalibrate,
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,
             workers=config.workers, seed=config.seed, hu_augment=hu_augment(config.hu_augment),
-            strategy=strategy, run_dir=run_dir)
-        log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s", config.epochs,
-                 deep.steps_per_epoch or math.ceil(len(train) / deep.global_batch),
-                 deep.global_batch, deep.replicas, config.mixed_precision)
+            strategy=strategy, run_dir=run_dir, augment_on=augment_on(config.augment_on))
+        log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s, augmentation on %s",
+                 config.epochs, deep.steps_per_epoch or math.ceil(len(train) / deep.global_batch),
+                 deep.global_batch, deep.replicas, config.mixed_precision, deep.augment_on)
         deep.fit_model(train, calib, cache)
     # Calibration chose the epoch; it now calibrates the probabilities and chooses the operating
     # point. Test chooses nothing.

@@ -135,6 +135,9 @@ def test_bad_weights_file_and_label_file_are_named_before_any_work(tmp_path):
     (tmp_path / "stage_2_train.csv").write_text("image,label\n")
     proc = _train(["--data", str(tmp_path), "--input-size", "75", "--out", str(tmp_path / "m")])
     assert proc.returncode == 2 and len(_error_lines(proc)) == 1 and "expected the header ID,Label" in proc.stderr
+    (tmp_path / "stage_2_train.csv").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))   # gzip
+    proc = _train(["--data", str(tmp_path), "--input-size", "75", "--out", str(tmp_path / "m")])
+    assert proc.returncode == 2 and len(_error_lines(proc)) == 1 and "is not a CSV label file" in proc.stderr
     proc = _train(["--data", str(tmp_path / "absent"), "--input-size", "75", "--out", str(tmp_path / "m")])
     assert proc.returncode == 2 and len(_error_lines(proc)) == 1 and "cannot read" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -161,6 +161,27 @@ def test_hu_augmentation_acts_in_hu_before_windowing_and_never_touches_the_cache
     assert np.array_equal(cache.read(cache.slices.rows), before)
 
 
+def test_augmentation_on_the_device_computes_what_the_host_pipeline_computes(cache):
+    """`--augment-on device`: the host yields float16 HU only; the training step's
+    DevicePreprocess then gives the same images the host pipeline gives for the same seed and
+    step (HU augmentation, windows), and the geometric layers still change them."""
+    import tensorflow as tf
+
+    ts = cache.slices.take(np.arange(8))
+    host = cache.batches(ts, 8, training=True, seed=4, hu_augment=data.HUAugment(), augment=False)
+    raw = cache.batches(ts, 8, training=True, seed=4, hu_augment=data.HUAugment(), raw=True)
+    (h0, y0), (h1, _) = [(x.numpy(), y.numpy()) for x, y in host.take(2)]
+    (r0, z0), (r1, _) = list(raw.take(2))
+    assert r0.dtype == tf.float16 and r0.shape == (8, 75, 75)   # the host only read the shards
+    assert np.array_equal(y0, z0.numpy())
+    plain = data.DevicePreprocess(4, data.HUAugment(), augment=False, size=75)
+    np.testing.assert_allclose(plain(r0, 0).numpy(), h0, atol=1e-6)
+    np.testing.assert_allclose(plain(r1, 1).numpy(), h1, atol=1e-6)   # step 1: batch 1's draws
+    geometric = data.DevicePreprocess(4, data.HUAugment(), augment=True, size=75)
+    moved = geometric(r0, 0).numpy()
+    assert moved.shape == h0.shape and not np.allclose(moved, h0)
+
+
 def test_hu_augment_names():
     assert data.hu_augment("none") is None and data.hu_augment("") is None
     assert data.hu_augment("all").ops == data.HU_AUGMENTS

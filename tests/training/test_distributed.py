@@ -1,6 +1,6 @@
-"""Every device, and surviving a kill: MirroredStrategy over two logical CPU devices exports
-the same single-device model it trained; a run killed after its first epoch resumes with
-the weights the checkpoint saved."""
+"""Every device, and surviving a kill: MirroredStrategy over two logical CPU devices (with the
+augmentation in the training step, as on GPUs) exports the same single-device model it trained;
+a run killed after its first epoch resumes with the weights the checkpoint saved."""
 from __future__ import annotations
 
 import csv
@@ -33,8 +33,13 @@ MIRRORED = textwrap.dedent("""
 
     cache = SliceCache.open(sys.argv[1], 75)
     strategy = make_strategy("mirrored")
+    from training.data import HUAugment
+
+    # Augmentation on the device, as `--augment-on auto` chooses with GPUs: HU augmentation,
+    # windows and the geometric layers run inside each replica's training step.
     deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, num_epochs=2, verbose=2,
-                       steps_per_epoch=2, validate_from=2, strategy=strategy, run_dir=sys.argv[2])
+                       steps_per_epoch=2, validate_from=2, strategy=strategy, run_dir=sys.argv[2],
+                       hu_augment=HUAugment(), augment_on="device")
     history = deep.fit_model(cache.slices.take(np.arange(16)), cache.slices.take(np.arange(16, 24)), cache)
     exported = deep.export_model()
     x = next(iter(cache.batches(cache.slices, 8, training=False)))[0]
@@ -86,7 +91,8 @@ def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, t
     argv = [sys.executable, "-m", "training", "--synthetic-studies", "4", "--synthetic-slices", "6", "8",
             "--synthetic-dir", str(phantoms), "--site-studies", "0", "--input-size", "75",
             "--batch-size", "4", "--epochs", "2", "--steps-per-epoch", "2", "--seed", "5",
-            "--out", str(out), "--version", "killed-1", "--verbose", "2", "--allow-failed"]
+            "--out", str(out), "--version", "killed-1", "--verbose", "2", "--allow-failed",
+            "--augment-on", "device"]   # one device, augmentation in its training step
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     saved = None
