@@ -49,6 +49,12 @@ def alert_sent(study_uid: str, model_version: str, kind: str) -> str:
     return f"{PREFIX}:alert:{study_uid}:{model_version}:{kind}"
 
 
+def alert_delivered(alert_id: str, consumer_index: int) -> str:
+    """Set once a consumer accepted the alert (2xx): a copy of the delivery message that kombu
+    redelivers because its ack was lost is then not POSTed again."""
+    return f"{PREFIX}:alert:{alert_id}:delivered:{consumer_index}"
+
+
 def study_evidence(study_uid: str) -> str:
     """Hash of what the DICOM results of a study are built from (issue 15): `header` (a
     received slice without pixels: the patient and study modules) and the `key_*` fields of its

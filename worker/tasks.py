@@ -21,7 +21,7 @@ import requests
 from celery import signals
 from celery_batches import Batches
 from prometheus_client import start_http_server
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from ich import keys
 from ich.decision import StudyRule
@@ -142,14 +142,34 @@ _session = requests.Session()
 @app.task(name=DELIVER_TASK, queue=keys.ALERTS_QUEUE, bind=True, acks_late=True,
           max_retries=settings.webhook_max_attempts - 1)
 def deliver_alert(self, alert: dict, url: str) -> None:
+    """POST the alert to one consumer. kombu acks after this returns: a Redis crash or restart
+    between the consumer's 2xx and the ack redelivers the message, so an accepted delivery is
+    recorded first and a redelivered copy is dropped ("duplicate"). Only a kill between the
+    2xx and that record can still repeat a POST; consumers drop it by Idempotency-Key."""
+    index = _consumer_index(url)
+    delivered_key = keys.alert_delivered(alert["alert_id"], index)
+    try:
+        already = redis_client.exists(delivered_key)
+    except RedisError:   # cannot tell: deliver (at least once), never drop
+        already = False
+    if already:
+        metrics.deliveries.labels("duplicate").inc()
+        log.info("alert %s to consumer %d: already delivered; redelivered copy dropped",
+                 alert["alert_id"], index)
+        return
     outcome = alerts.post(_session, url, alert, settings.webhook_secret)
     if outcome.delivered:
         metrics.deliveries.labels("delivered").inc()
         if alert["kind"] == FIRST_POSITIVE:
             metrics.time_to_alert.observe(time.time() - alert["received_at"])
+        try:
+            redis_client.set(delivered_key, 1, ex=settings.result_ttl_s)
+        except RedisError:   # delivered all the same; only a redelivery could repeat it
+            log.warning("alert %s to consumer %d: delivered, not recorded (Redis unavailable)",
+                        alert["alert_id"], index)
         return
     _retry_or_dead_letter(self, alert, metrics.deliveries, "consumer", "url_index",
-                          _consumer_index(url), outcome.detail, outcome.retry, outcome.retry_after)
+                          index, outcome.detail, outcome.retry, outcome.retry_after)
 
 
 def _retry_or_dead_letter(task, alert: dict, counter, what: str, field: str, index: int,

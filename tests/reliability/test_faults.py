@@ -178,6 +178,32 @@ def test_webhook_consumer_down_then_back_gets_the_alert_once(make_pipeline):
         consumer.close()
 
 
+def test_a_delivery_redelivered_after_its_post_is_not_posted_again(make_pipeline):
+    """kombu acknowledges a delivery after the task returns: a Redis crash or restart between
+    the consumer's 2xx and that ack leaves the message unacknowledged, and it is delivered
+    again after the visibility timeout (seen once in ten quick chaos runs: one study_summary
+    POSTed twice). The same message delivered twice must reach the consumer once."""
+    import uuid
+
+    from ich.queue import DELIVER_TASK, task_message
+
+    p = make_pipeline()
+    alert = {"alert_id": str(uuid.uuid4()), "kind": "study_summary",
+             "study_instance_uid": generate_uid(), "model_version": "test"}
+    message = task_message(DELIVER_TASK, keys.ALERTS_QUEUE, str(uuid.uuid4()),
+                           args=(alert, p.receiver.url))
+    p.client.lpush(keys.ALERTS_QUEUE, message)
+    p.receiver.wait_for(lambda: p.receiver.accepted(), timeout=30)
+    p.client.lpush(keys.ALERTS_QUEUE, message)      # as kombu restores an unacknowledged one
+    deadline = time.monotonic() + 30
+    while p.metrics("alerts").get('ich_webhook_deliveries_total{outcome="duplicate"}', 0) < 1:
+        assert time.monotonic() < deadline, "the redelivered copy was never handled"
+        assert len(p.receiver.accepted()) == 1, "the same delivery was POSTed twice"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert len(p.receiver.accepted()) == 1
+
+
 def test_redis_with_an_acl_user(make_pipeline, tmp_path):
     redis_server = RedisServer(tmp_path / "redis-acl", user="ichwatch", password="acl-s3cret").start()
     p = make_pipeline(redis_server)
