@@ -36,7 +36,7 @@ run: install system-deps
 
 # Sends one synthetic positive and one negative study to the node `make run` started;
 # ICH_DEMO_PACS=AET@host:port stores them in that PACS first, as a modality would.
-DEMO_SEND = $(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --site legacy --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH} $${ICH_DEMO_PACS:+--also $$ICH_DEMO_PACS}
+DEMO_SEND = $(BIN)/python -m dicom_listener.send --synthetic-studies 1 --seed 3 --port $${ICH_DICOM_PORT:-11112} --called-aet $${ICH_AE_TITLE:-ICHWATCH} $${ICH_DEMO_PACS:+--also $$ICH_DEMO_PACS}
 demo: install
 	$(DEMO_SEND) --positive
 	$(DEMO_SEND) --negative
