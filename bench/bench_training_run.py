@@ -115,10 +115,10 @@ def run(argv: list[str], kill_at: str | None = None) -> tuple[int, list[str], fl
     (time's child) at the first stderr line matching `kill_at`, as an OOM kill would.
     Returns (exit code, stderr lines, seconds, peak RSS MiB)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(["/usr/bin/time", "-f", "peak_rss_kb %M", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in proc.stderr:
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "peak_rss_kb %M", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []   # progress lines (stdout), log lines (stderr) and GNU time's, in one stream
+    for line in proc.stdout:
         lines.append(line)
         if kill_at and re.search(kill_at, line):
             for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
