@@ -56,6 +56,7 @@ def send(host: str, port: int, called: str, calling: str, items: list) -> Counte
     """One association; every item (a path or a Dataset) gets one C-STORE. Returns statuses."""
     ae = AE(ae_title=calling)
     ae.maximum_pdu_size = 128 * 1024
+    ae.connection_timeout = 10   # a destination that never answers the TCP connect (pynetdicom: none)
     headers = [_header(item) for item in items]
     contexts = sorted({(h.SOPClassUID, h.file_meta.TransferSyntaxUID) for h in headers})
     if len(contexts) > MAX_CONTEXTS:

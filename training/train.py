@@ -303,7 +303,11 @@ class MyDeepModel:
         scope with the model's own strategy unset (Keras then skips the symbolic build, its
         fallback: build at trace time, and reads the strategy from the scope), and each log
         leaves the step as a one-element vector, whose mean over axis 0 is the mean over the
-        workers: the same scalar the other strategies log."""
+        workers: the same scalar the other strategies log.
+
+        With `--augment-on device` (any strategy) the step first turns the HU batch into
+        augmented windows (`DevicePreprocess`); the symbolic build is skipped the same way, and
+        the optimizer is built before tracing so its slots are not created inside the step."""
         import tensorflow as tf
 
         multi = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)

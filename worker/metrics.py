@@ -24,7 +24,9 @@ time_to_alert = Histogram("ich_time_to_alert_seconds",
                           "Positive slice received → first_positive accepted by a webhook",
                           buckets=_LATENCY)
 alerts = Counter("ich_alerts", "Alerts raised", ["kind"])
-deliveries = Counter("ich_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retry, dead_letter, duplicate (a redelivered copy of a delivered alert, not POSTed)", ["outcome"])
+deliveries = Counter("ich_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, "
+                     "retry, dead_letter, duplicate (a redelivered copy of a delivered alert, not "
+                     "POSTed)", ["outcome"])
 results = Counter("ich_dicom_results", "DICOM result deliveries (SR + key image) by outcome: stored, "
                   "retry, dead_letter, unchanged, no_evidence", ["outcome"])
 model_info = Gauge("ich_model_info", "The model version this worker serves", ["version"])

@@ -33,13 +33,19 @@ def ct_slice(n: int, study: str, series: str, size: int = 64) -> Dataset:
     return ds
 
 
-def statuses(port: int, datasets: list[Dataset], calling: str = "TESTSCU") -> list[int]:
+def associate(port: int, datasets: list[Dataset], calling: str = "TESTSCU"):
+    """An established association to the listener, proposing the contexts of `datasets`."""
     scu = SCU(ae_title=calling)
     for ds in datasets:
         scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = scu.associate("127.0.0.1", port, ae_title=AE)
     assert assoc.is_established
     responses_stay_queued(assoc)   # pynetdicom's requestor race (dicom_listener/send.py)
+    return assoc
+
+
+def statuses(port: int, datasets: list[Dataset], calling: str = "TESTSCU") -> list[int]:
+    assoc = associate(port, datasets, calling)
     try:
         return [assoc.send_c_store(ds).get("Status", -1) for ds in datasets]
     finally:

@@ -8,22 +8,16 @@ import time
 
 import redis
 from pydicom.uid import generate_uid
-from pynetdicom import AE as SCU
 
-from dicom_listener.send import responses_stay_queued
 from ich import keys
 from tests.listener.conftest import AE
-from tests.listener.test_listener import ct_slice
+from tests.listener.test_listener import associate, ct_slice
 
 
 def test_sigterm_drains_the_open_association_and_refuses_new_ones(listener, redis_url):
     study, series = generate_uid(), generate_uid()
     slices = [ct_slice(n, study, series) for n in range(60)]
-    scu = SCU(ae_title="SLOWSCU")
-    scu.add_requested_context(slices[0].SOPClassUID, slices[0].file_meta.TransferSyntaxUID)
-    assoc = scu.associate("127.0.0.1", listener.port, ae_title=AE)
-    assert assoc.is_established
-    responses_stay_queued(assoc)
+    assoc = associate(listener.port, slices[:1], calling="SLOWSCU")
     got: list[int] = []
 
     def run() -> None:

@@ -11,8 +11,7 @@ from pynetdicom import AE as SCU
 from pynetdicom.sop_class import Verification
 
 from tests.listener.conftest import AE
-from dicom_listener.send import responses_stay_queued
-from tests.listener.test_listener import ct_slice, statuses
+from tests.listener.test_listener import associate, ct_slice, statuses
 from tests.services import memory_mib
 
 
@@ -155,11 +154,7 @@ def test_a_declared_giant_pdu_allocates_nothing_and_is_aborted(listener):
     # A sender in the middle of its association is served while 16 more arrive and are aborted.
     study, series = generate_uid(), generate_uid()
     slices = [ct_slice(i, study, series) for i in range(10)]
-    scu = SCU(ae_title="TESTSCU")
-    scu.add_requested_context(slices[0].SOPClassUID, slices[0].file_meta.TransferSyntaxUID)
-    assoc = scu.associate("127.0.0.1", listener.port, ae_title=AE)
-    assert assoc.is_established
-    responses_stay_queued(assoc)
+    assoc = associate(listener.port, slices[:1])
     try:
         got = [assoc.send_c_store(ds).get("Status", -1) for ds in slices[:5]]
         attackers = threading.Thread(target=lambda: _closed_by_listener([attack() for _ in range(16)]))
