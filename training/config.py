@@ -41,6 +41,7 @@ class TrainConfig:
     input_size: int = 224
     weights: str = "none"                    # none | imagenet | path to a weights file
     bn_momentum: float | None = None         # None = Keras' 0.99
+    ema: float = 0.0                         # weight averaging momentum per step (0: off)
     # optimisation
     batch_size: int = 32
     learning_rate: float = 3e-4
@@ -110,6 +111,11 @@ class TrainConfig:
             raise ConfigError("--positive-fraction must be in (0, 1)")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
             raise ConfigError("--bn-momentum must be in [0, 1)")
+        if not 0 <= self.ema < 1:
+            raise ConfigError("--ema must be in [0, 1) (0: no weight averaging)")
+        if self.ema and not self.bn_recalibrate:
+            raise ConfigError("--ema needs --bn-recalibrate N > 0: averaged weights need "
+                              "BatchNorm statistics of their own")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 0:
@@ -151,6 +157,7 @@ SCRATCH_RECIPE: dict[str, Any] = {
     "decay_steps": 1,
     "bn_momentum": 0.9,          # running statistics that follow a fast-moving network...
     "bn_recalibrate": 10,        # ...and are recomputed exactly before every validation
+    "ema": 0.99,                 # validate and export the weights' moving average (~100 steps)
     "validate_from": 6,          # early epochs are never the best; their validation time trains
     "target_recall": 0.95,
     "hu_augment": "all",         # scanners differ in HU: calibration, kernel, noise (issue 12)
@@ -215,6 +222,9 @@ def parser() -> argparse.ArgumentParser:
                    "three passes over the training images in all; default reference: one pass")
     p.add_argument("--weights", help="none | imagenet | path to a weights file")
     p.add_argument("--bn-momentum", type=float, help="BatchNorm momentum (Keras default 0.99)")
+    p.add_argument("--ema", type=float, metavar="MOMENTUM",
+                   help="validate and export a moving average of the weights, updated every "
+                        "step with this momentum (0: off)")
     p.add_argument("--bn-recalibrate", type=int, metavar="BATCHES",
                    help="recompute BatchNorm statistics on this many batches before validation")
     p.add_argument("--validate-from", type=int, metavar="EPOCH",

@@ -104,18 +104,19 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
                 for key in ("val_loss", "val_weighted_log_loss", "val_any_auc"):
                     logs[key] = math.nan                                    # spend it training
                 return
-            if model_wrapper.bn_recalibrate:
-                model_wrapper.recalibrate_batchnorm()
-            with model_wrapper.prior_corrected():
-                rows, p = model_wrapper.predict_rows(valid)
-            y = valid.labels[rows]
-            logs["val_loss"] = float(evaluate.label_log_loss(y, p).mean())
-            logs["val_weighted_log_loss"] = score = evaluate.weighted_log_loss(y, p)
-            logs["val_any_auc"] = evaluate.auc(y[:, -1], p[:, -1]) or math.nan
-            if score < self.best:
-                self.best, self.best_epoch = score, epoch + 1
-                self.y, self.p, self.rows = y, p, rows
-                self._save([v.value.numpy() for v in self.model.weights])
+            with model_wrapper.averaged_weights():
+                if model_wrapper.bn_recalibrate:
+                    model_wrapper.recalibrate_batchnorm()
+                with model_wrapper.prior_corrected():
+                    rows, p = model_wrapper.predict_rows(valid)
+                y = valid.labels[rows]
+                logs["val_loss"] = float(evaluate.label_log_loss(y, p).mean())
+                logs["val_weighted_log_loss"] = score = evaluate.weighted_log_loss(y, p)
+                logs["val_any_auc"] = evaluate.auc(y[:, -1], p[:, -1]) or math.nan
+                if score < self.best:
+                    self.best, self.best_epoch = score, epoch + 1
+                    self.y, self.p, self.rows = y, p, rows
+                    self._save([v.value.numpy() for v in self.model.weights])
 
         def _save(self, weights) -> None:
             if self.dir is None:
@@ -221,7 +222,7 @@ class MyDeepModel:
                  weights=None, verbose=1, *, bn_momentum=None, loss="bce",
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
-                 run_dir=None, augment_on="host"):
+                 run_dir=None, augment_on="host", ema=0.0):
         import tensorflow as tf
 
         from ich.model import build_model
@@ -235,6 +236,7 @@ class MyDeepModel:
         self.num_epochs, self.decay_rate, self.decay_steps = num_epochs, decay_rate, decay_steps
         self.weights = None if weights in (None, "none", "") else weights
         self.bn_momentum = bn_momentum
+        self.ema = ema                     # momentum of the weights' moving average (0: none)
         self.verbose, self.loss, self.steps_per_epoch = verbose, loss, steps_per_epoch
         self.augment, self.bn_recalibrate = augment, bn_recalibrate
         self.validate_from = min(validate_from, num_epochs)
@@ -259,7 +261,8 @@ class MyDeepModel:
         import keras
 
         loss = weighted_bce() if self.loss == "weighted" else keras.losses.BinaryCrossentropy()
-        self.model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss)
+        averaging = {"use_ema": True, "ema_momentum": self.ema} if self.ema else {}
+        self.model.compile(optimizer=keras.optimizers.Adam(self.learning_rate, **averaging), loss=loss)
 
     def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache):
         """Train on rows of a prepared `cache` with step decay and per-epoch validation;
@@ -422,6 +425,28 @@ class MyDeepModel:
         if not len(rows):
             raise ValueError("no decodable slices to predict")
         return rows, p
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With `ema`, the moving average of the weights (Keras' `use_ema`, updated every step)
+        stands in for the weights while validating, so the epoch kept as the best, and exported,
+        is the averaged network; training then resumes from its own weights. Averaged weights
+        need BatchNorm statistics of their own: `bn_recalibrate` recomputes them inside.
+        Keras itself swaps the average in only once, when `fit` ends."""
+        optimizer = self.model.optimizer
+        if not (self.ema and optimizer.built):
+            yield
+            return
+        variables = self.model.trainable_variables
+        own = [v.value.numpy() for v in variables]
+        # keras.callbacks.SwapEMAWeights swaps with the same attribute (Keras 3)
+        for variable, average in zip(variables, optimizer._model_variables_moving_average):
+            variable.assign(average)
+        try:
+            yield
+        finally:
+            for variable, value in zip(variables, own):
+                variable.assign(value)
 
     def recalibrate_batchnorm(self) -> None:
         """Precise BatchNorm before validation: see `PreciseBatchNorm`."""
@@ -647,6 +672,7 @@ def run(config: TrainConfig) -> Path | None:
             batch_size=config.batch_size, learning_rate=config.learning_rate,
             num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
             weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
+            ema=config.ema,
             loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train), strategy.num_replicas_in_sync),
             augment=config.augment, bn_recalibrate=config.bn_recalibrate,
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,

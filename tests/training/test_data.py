@@ -238,13 +238,13 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     # One recipe for every source: from scratch, the measured recipe, --data or phantoms.
     for source in (["--data", "d"], ["--synthetic-studies", "90"]):
         c = config.load(source)
-        assert c.recipe == "scratch" and (c.input_size, c.learning_rate, c.bn_momentum,
-                                          c.positive_fraction, c.steps_per_epoch) == (128, 1e-3, 0.9, 0.3, 0)
+        assert c.recipe == "scratch" and (c.input_size, c.learning_rate, c.bn_momentum, c.ema,
+                                          c.positive_fraction, c.steps_per_epoch) == (128, 1e-3, 0.9, 0.99, 0.3, 0)
         assert (c.split, c.target_recall, c.study_rule) == ("study", 0.95, "auto")   # study recall
     real = config.load(["--data", "d", "--recipe", "reference"])
     assert (real.engine, real.input_size, real.batch_size, real.learning_rate, real.epochs,
-            real.decay_rate, real.decay_steps, real.weights, real.split, real.steps_per_epoch) == (
-        "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "study", None)
+            real.decay_rate, real.decay_steps, real.weights, real.split, real.steps_per_epoch, real.ema) == (
+        "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "study", None, 0.0)
     assert config.load(["--data", "d", "--weights", "imagenet"]).recipe == "reference"
     # auto steps: >= 60 per epoch, about two passes in all; auto cache within the budget
     auto = config.load(["--data", "d"])
@@ -341,3 +341,36 @@ def test_platt_scaling_fixes_overconfidence_and_bakes_into_the_model():
     deep.apply_platt(platt)
     after = np.asarray(deep.model(x, training=False))
     np.testing.assert_allclose(after, apply_platt(before, platt), atol=2e-4)
+
+
+def test_weight_averaging_validates_and_keeps_the_average_and_trains_on_its_own_weights(cache):
+    """`--ema`: what is validated and kept as the best epoch is Keras' moving average of the
+    weights (with BatchNorm statistics recomputed for it); outside validation the network
+    trains on its own weights, which the average never overwrites."""
+    ts = cache.slices
+    deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, num_epochs=2, steps_per_epoch=3,
+                       validate_from=2, bn_recalibrate=1, bn_momentum=0.9, ema=0.5, verbose=0)
+    own_at_epoch_end = []
+
+    class Spy(__import__("keras").callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):          # after validation has run
+            own_at_epoch_end.append([v.numpy().copy() for v in deep.model.trainable_variables])
+
+    fit = deep.model.fit
+    deep.model.fit = lambda *a, callbacks, **k: fit(*a, callbacks=[*callbacks, Spy()], **k)
+    deep.fit_model(ts.take(np.arange(12)), ts.take(np.arange(12, 20)), cache)
+    averages = [a.numpy() for a in deep.model.optimizer._model_variables_moving_average]
+    own = own_at_epoch_end[-1]
+    trained = [v.numpy() for v in deep.model.trainable_variables]
+    bias = len(trained) - 1                  # the output bias: prior-corrected at export
+    assert deep.validation.best_epoch == 2   # kept: the average, not the network's own weights
+    assert all(np.array_equal(t, a) for t, a in zip(trained[:bias], averages[:bias]))
+    assert not all(np.array_equal(t, o) for t, o in zip(trained[:bias], own[:bias]))
+    # the swap is undone: after validating epoch 2, the network's own weights are back
+    assert not all(np.array_equal(o, a) for o, a in zip(own[:bias], averages[:bias]))
+    with deep.averaged_weights():
+        assert all(np.array_equal(v.numpy(), a)
+                   for v, a in zip(deep.model.trainable_variables, averages))
+    assert all(np.array_equal(v.numpy(), t) for v, t in zip(deep.model.trainable_variables, trained))
+    with pytest.raises(config.ConfigError, match="--ema needs --bn-recalibrate"):
+        config.TrainConfig(synthetic_studies=4, ema=0.99).validate()
