@@ -343,7 +343,7 @@ def test_platt_scaling_fixes_overconfidence_and_bakes_into_the_model():
     np.testing.assert_allclose(after, apply_platt(before, platt), atol=2e-4)
 
 
-def test_weight_averaging_validates_and_keeps_the_average_and_trains_on_its_own_weights(cache):
+def test_weight_averaging_validates_and_keeps_the_average_and_trains_on_its_own_weights(cache, tmp_path):
     """`--ema`: what is validated and kept as the best epoch is Keras' moving average of the
     weights (with BatchNorm statistics recomputed for it); outside validation the network
     trains on its own weights, which the average never overwrites."""
@@ -372,5 +372,13 @@ def test_weight_averaging_validates_and_keeps_the_average_and_trains_on_its_own_
         assert all(np.array_equal(v.numpy(), a)
                    for v, a in zip(deep.model.trainable_variables, averages))
     assert all(np.array_equal(v.numpy(), t) for v, t in zip(deep.model.trainable_variables, trained))
+    # a resumed run (BackupAndRestore's weights file) continues the same average
+    saved = tmp_path / "ema.weights.h5"
+    deep.model.save_weights(saved)
+    resumed = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, bn_momentum=0.9, ema=0.5, verbose=0)
+    resumed.model.optimizer.build(resumed.model.trainable_variables)
+    resumed.model.load_weights(saved)
+    assert all(np.array_equal(r.numpy(), a) for r, a in
+               zip(resumed.model.optimizer._model_variables_moving_average, averages))
     with pytest.raises(config.ConfigError, match="--ema needs --bn-recalibrate"):
         config.TrainConfig(synthetic_studies=4, ema=0.99).validate()
