@@ -34,7 +34,7 @@ MIN_STUDIES = 5
 
 def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = None,
               target_recall: float = 0.95, study_rule: str = "keep", batch_size: int = 32,
-              workers: int = 2) -> Path:
+              workers: int = 2, confidence: float | None = 0.9) -> Path:
     """Write `<out>/<version>`: the model of `model_dir` with thresholds chosen on `data_dir`."""
     from ich.model import MODEL_FILE, load_artifact
     from training import evaluate, studies
@@ -53,10 +53,11 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
         candidates = ((rule.name, rule.k),)
     else:
         candidates = studies.candidates(study_rule)
-    rule, table = studies.choose_rule(local, target_recall, candidates)
+    rule, table = studies.choose_rule(local, target_recall, candidates, confidence)
     slice_thresholds = evaluate.choose_thresholds(y, p, target_recall)
     version = version or f"{card.version}-site-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     site = {"data": str(data_dir), "from_version": card.version, "target_recall": target_recall,
+            "recall_confidence": table[0]["recall_confidence"] if table else None,
             "studies": len(local), "positive_studies": positive, "normal_studies": normal,
             "decode": decoder.report(), "rules": table,
             "study_before": studies.study_metrics(local, card.rule()),
@@ -73,10 +74,25 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
     shutil.copy2(Path(model_dir).resolve() / MODEL_FILE, folder / MODEL_FILE)
     new.write(folder)
     before, after = site["study_before"], site["study_after"]
+    if confidence and site["recall_confidence"] is not None and site["recall_confidence"] < confidence:
+        log.warning("%d local bleeding studies cannot hold recall >= %s with confidence %s: the "
+                    "weakest is kept (confidence %s); more bleeding studies raise it (%d reach it)",
+                    positive, target_recall, confidence, site["recall_confidence"],
+                    _enough(target_recall, confidence))
     log.info("site calibration on %d studies: %s -> %s; alerts on normal studies %d -> %d, "
              "bleeds alerted %d -> %d", len(local), card.rule(), rule, before["fp"], after["fp"],
              before["tp"], after["tp"])
     return folder
+
+
+def _enough(target_recall: float, confidence: float) -> int:
+    """The fewest bleeding studies with which recall >= R can be held with `confidence`."""
+    from training.studies import conformal_rank
+
+    p = 1
+    while conformal_rank(p, target_recall, confidence)[1] < confidence:
+        p += 1
+    return p
 
 
 def main(argv=None) -> int:
@@ -90,6 +106,10 @@ def main(argv=None) -> int:
                    help="the site's labelled RSNA-layout folder (stage_2_train.csv + stage_2_train/)")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="study recall to keep on new studies of the site (default 0.95)")
+    p.add_argument("--recall-confidence", type=float, default=0.9, metavar="C",
+                   help="how sure that recall must be (default 0.9; with few local bleeding "
+                        "studies the weakest is kept and the card says how sure that is; 0: only "
+                        "on average)")
     p.add_argument("--study-rule", default="keep",
                    help="keep (the card's rule, default) | auto | max | consecutive-K | topk-K")
     p.add_argument("--out", type=Path, default=Path("models"), help="artifact root (default models)")
@@ -102,9 +122,12 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.target_recall <= 1:
         p.exit(2, "error: --target-recall must be in (0, 1]\n")
+    if not 0 <= args.recall_confidence < 1:
+        p.exit(2, "error: --recall-confidence must be in [0, 1)\n")
     try:
         folder = calibrate(args.model, args.data, args.out, args.version, args.target_recall,
-                           args.study_rule, args.batch_size, args.workers)
+                           args.study_rule, args.batch_size, args.workers,
+                           args.recall_confidence or None)
     except (ArtifactError, DataError, ValueError, FileExistsError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     from ich.model import ModelCard
@@ -117,6 +140,7 @@ def main(argv=None) -> int:
     site = card.metrics["site_calibration"]
     print(json.dumps({"artifact": str(folder), "study_rule": card.study_rule,
                       "thresholds": card.thresholds,
+                      "recall_confidence": site["recall_confidence"],
                       "on_calibration_studies": {
                           k: {m: site[k][m] for m in ("recall", "specificity", "tp", "fn", "tn", "fp")}
                           for k in ("study_before", "study_after")}}, indent=2))

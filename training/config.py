@@ -66,6 +66,7 @@ class TrainConfig:
     context: bool = False                    # also train and measure the slice-context head
     # thresholds and export
     target_recall: float | None = 0.95       # STUDY recall on calibration; None: max rule, any 0.15
+    recall_confidence: float = 0.9           # ...held on new studies with this confidence (0: on average)
     slice_target_recall: float | None = 0.95  # slice-level operating points (reported, not served)
     study_rule: str = "auto"                 # auto | max | consecutive-K | topk-K
     allow_failed: bool = False               # export and promote even if the quality check fails
@@ -107,6 +108,8 @@ class TrainConfig:
             candidates(self.study_rule)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if not 0 <= self.recall_confidence < 1:
+            raise ConfigError("--recall-confidence must be in [0, 1) (0: the expected-recall rank)")
         if self.positive_fraction is not None and not 0 < self.positive_fraction < 1:
             raise ConfigError("--positive-fraction must be in (0, 1)")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
@@ -258,6 +261,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, metavar="R",
                    help="per label, the highest STUDY threshold with calibration study recall >= R "
                         "(default 0.95)")
+    p.add_argument("--recall-confidence", type=float, metavar="C",
+                   help="how sure the any threshold must be that recall on NEW studies reaches "
+                        "--target-recall (training-conditional conformal; default 0.9; 0: only on "
+                        "average, the rank of earlier versions)")
     p.add_argument("--platt", action=argparse.BooleanOptionalAction,
                    help="fit per-label Platt scaling on the calibration split and bake it into the "
                         "output layer (default on)")

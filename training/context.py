@@ -147,7 +147,7 @@ def fit_head(train: Sequences, calib: Sequences, epochs: int = 12, lr: float = 1
 
 
 def measure(model, parts: dict, target_recall: float | None, candidates,
-            epochs: int = 12, seed: int = 0) -> tuple[object, dict]:
+            epochs: int = 12, seed: int = 0, confidence: float | None = 0.9) -> tuple[object, dict]:
     """Train the head on `parts["train"]`, choose its study rule and thresholds on
     `parts["calibration"]`, and report study figures on every other part (test, held-out
     sites), as `training.evaluate.figures` does for the slice model. `parts`: name →
@@ -166,7 +166,7 @@ def measure(model, parts: dict, target_recall: float | None, candidates,
     head, history = fit_head(seqs["train"], seqs["calibration"], epochs=epochs, seed=seed)
     probs = {name: apply(head, s) for name, s in seqs.items()}
     calibration = studies.StudySet.build(seqs["calibration"].y, probs["calibration"], headers["calibration"])
-    rule, table = studies.choose_rule(calibration, target_recall, candidates)
+    rule, table = studies.choose_rule(calibration, target_recall, candidates, confidence)
     thresholds = evaluate.choose_thresholds(seqs["calibration"].y, probs["calibration"], 0.95)
     report = {"rule": rule.describe(), "thresholds": dict(rule.thresholds), "history": history,
               "calibration_rules": table}

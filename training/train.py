@@ -702,7 +702,8 @@ def run(config: TrainConfig) -> Path | None:
 
     slice_thresholds = evaluate.choose_thresholds(v.y, v.p, config.slice_target_recall)
     rule, candidates = studies.choose_rule(calib_studies, config.target_recall,
-                                           studies.candidates(config.study_rule))
+                                           studies.candidates(config.study_rule),
+                                           config.recall_confidence or None)
     results = {**evaluate.metrics(test_y, test_p, slice_thresholds), "split": "test",
                "study": studies.study_metrics(test_studies, rule),
                "calibration": {"weighted_log_loss": evaluate.weighted_log_loss(v.y, v.p),
@@ -723,7 +724,8 @@ def run(config: TrainConfig) -> Path | None:
             parts[f"heldout:{name}"] = (held, slice_headers(held.paths), dataset(
                 held, Decoder(held.paths, config.input_size), config.batch_size, training=False))
         head, results["context"] = context.measure(
-            model, parts, config.target_recall, studies.candidates(config.study_rule), seed=config.seed)
+            model, parts, config.target_recall, studies.candidates(config.study_rule), seed=config.seed,
+            confidence=config.recall_confidence or None)
     results["seconds"] = round(time.perf_counter() - started, 1)
     quality = evaluate.verdict(results)   # did it learn? (on test: it chose nothing)
     card = ModelCard(
@@ -766,8 +768,11 @@ def run(config: TrainConfig) -> Path | None:
 
 
 def _notes(config: TrainConfig, rule) -> str:
-    chosen = (f"study rule {rule} with per-label study thresholds for calibration study recall "
-              f">= {config.target_recall}" if config.target_recall
+    confidence = (f"held on new studies with confidence {config.recall_confidence}"
+                  if config.recall_confidence else "on average on new studies")
+    chosen = (f"study rule {rule} with per-label study thresholds for study recall "
+              f">= {config.target_recall} ({confidence}; any: split-conformal on calibration)"
+              if config.target_recall
               else "study rule max with the default thresholds (any 0.15)")
     return (f"Trained from {'scratch' if config.weights in (None, 'none') else config.weights}; "
             f"{config.split} split into train / calibration / test; {chosen}. The epoch, the rule "

@@ -41,7 +41,7 @@ def detector(tmp_path_factory):
     return root, model, _site(root / "site", 6, 6)
 
 
-def test_site_calibration_writes_a_new_version_with_local_thresholds(detector, capsys):
+def test_site_calibration_writes_a_new_version_with_local_thresholds(detector, capsys, caplog):
     root, model, site = detector
     before = ModelCard.read(model)
     code = calibrate.main(["--model", str(model), "--data", str(site), "--out", str(root / "models"),
@@ -60,6 +60,10 @@ def test_site_calibration_writes_a_new_version_with_local_thresholds(detector, c
     assert (after["tp"], after["fp"]) == (6, 0), "split-conformal at 0.95 keeps all 6 local bleeds"
     assert 1e-4 < card.thresholds["any"] < 0.5
     assert printed["on_calibration_studies"]["study_after"]["tp"] == 6
+    # Six bleeds cannot make recall >= 0.95 on new studies 90 % sure: the card and log say so.
+    assert printed["recall_confidence"] == site_figures["recall_confidence"] == 0.2649
+    assert "6 local bleeding studies cannot hold recall >= 0.95 with confidence 0.9" in caplog.text
+    assert "(45 reach it)" in caplog.text
     assert "training.calibrate" in card.notes
 
 

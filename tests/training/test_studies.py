@@ -77,7 +77,7 @@ def test_chooses_the_neighbour_rule_when_normals_have_isolated_spikes():
 def test_threshold_sits_mid_gap_below_the_bleeds_the_target_recall_keeps():
     rng = np.random.default_rng(2)
     calibration = make_set(bleeds(20, rng) + spiky_normals(5, rng))
-    rule, rows = studies.choose_rule(calibration, 0.9, candidates=[("max", 1)])
+    rule, rows = studies.choose_rule(calibration, 0.9, candidates=[("max", 1)], confidence=None)
     scores = calibration.scores(rule)[:, -1]
     truth = calibration.truth()[:, -1] > 0
     t = rule.thresholds[ANY]
@@ -93,11 +93,32 @@ def test_threshold_sits_mid_gap_below_the_bleeds_the_target_recall_keeps():
     assert np.sum(scores[~truth] >= t) == np.sum(scores[~truth] >= t_hi)
     # No normal study below t_hi: t_hi itself.
     only_bleeds = make_set(bleeds(10, rng))
-    alone, _ = studies.choose_rule(only_bleeds, 0.9, candidates=[("max", 1)])
+    alone, _ = studies.choose_rule(only_bleeds, 0.9, candidates=[("max", 1)], confidence=None)
     assert alone.thresholds[ANY] == np.sort(only_bleeds.scores(alone)[:, -1])[::-1][9]   # ⌈0.9 · 11⌉
     # Without a target (or without bleeds), the defaults and `max`.
     plain, rows = studies.choose_rule(calibration, None)
     assert (plain.name, dict(plain.thresholds), rows) == ("max", DEFAULT_THRESHOLDS, [])
+
+
+def test_recall_confidence_holds_the_target_on_new_studies_not_only_on_average():
+    # The k-th highest of P calibration bleeds, replayed 4,000 times on scores whose coverage
+    # is known exactly (uniform: a threshold t keeps 1 - t of all new bleeds).
+    rng = np.random.default_rng(3)
+    draws = np.sort(rng.uniform(size=(4000, 80)), axis=1)[:, ::-1]
+    for confidence, k, stated in ((None, 77, 0.5716), (0.9, 79, 0.9139)):
+        assert studies.conformal_rank(80, 0.95, confidence) == (k, stated)
+        held = np.mean(1 - draws[:, k - 1] >= 0.95)
+        assert held == pytest.approx(stated, abs=0.02), "the stated confidence is what happens"
+    # Too few bleeds to be that sure: the weakest is kept and the confidence says so.
+    assert studies.conformal_rank(30, 0.95, 0.9) == (30, 0.7854)
+    rng = np.random.default_rng(4)
+    calibration = make_set(bleeds(40, rng) + spiky_normals(10, rng))
+    rule, rows = studies.choose_rule(calibration, 0.95, candidates=[("max", 1)])
+    assert rows[0]["recall_confidence"] == studies.conformal_rank(40, 0.95, 0.9)[1] == 0.8715
+    assert rows[0]["tp"] == 40, "k = P: every calibration bleed alerts"
+    marginal, rows = studies.choose_rule(calibration, 0.95, candidates=[("max", 1)], confidence=None)
+    assert rows[0]["tp"] == 39 and rows[0]["recall_confidence"] == 0.6009
+    assert marginal.thresholds[ANY] > rule.thresholds[ANY]
 
 
 def test_alert_delay_replays_arrival_in_instance_order():
