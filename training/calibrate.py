@@ -34,7 +34,7 @@ MIN_STUDIES = 5
 
 def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = None,
               target_recall: float = 0.95, study_rule: str = "keep", batch_size: int = 32,
-              workers: int = 2, confidence: float | None = 0.9) -> Path:
+              workers: int = 2, confidence: float | None = None) -> Path:
     """Write `<out>/<version>`: the model of `model_dir` with thresholds chosen on `data_dir`."""
     from ich.model import MODEL_FILE, load_artifact
     from training import evaluate, studies
@@ -106,10 +106,10 @@ def main(argv=None) -> int:
                    help="the site's labelled RSNA-layout folder (stage_2_train.csv + stage_2_train/)")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="study recall to keep on new studies of the site (default 0.95)")
-    p.add_argument("--recall-confidence", type=float, default=0.9, metavar="C",
-                   help="how sure that recall must be (default 0.9; with few local bleeding "
-                        "studies the weakest is kept and the card says how sure that is; 0: only "
-                        "on average)")
+    p.add_argument("--recall-confidence", type=float, default=0.0, metavar="C",
+                   help="how sure that recall must be, e.g. 0.9 (default 0: on average); with "
+                        "few local bleeding studies the weakest is kept and the card says how "
+                        "sure that is")
     p.add_argument("--study-rule", default="keep",
                    help="keep (the card's rule, default) | auto | max | consecutive-K | topk-K")
     p.add_argument("--out", type=Path, default=Path("models"), help="artifact root (default models)")

@@ -66,7 +66,7 @@ class TrainConfig:
     context: bool = False                    # also train and measure the slice-context head
     # thresholds and export
     target_recall: float | None = 0.95       # STUDY recall on calibration; None: max rule, any 0.15
-    recall_confidence: float = 0.9           # ...held on new studies with this confidence (0: on average)
+    recall_confidence: float = 0.0           # ...held on new studies with this confidence (0: on average)
     slice_target_recall: float | None = 0.95  # slice-level operating points (reported, not served)
     study_rule: str = "auto"                 # auto | max | consecutive-K | topk-K
     allow_failed: bool = False               # export and promote even if the quality check fails
@@ -263,8 +263,8 @@ def parser() -> argparse.ArgumentParser:
                         "(default 0.95)")
     p.add_argument("--recall-confidence", type=float, metavar="C",
                    help="how sure the any threshold must be that recall on NEW studies reaches "
-                        "--target-recall (training-conditional conformal; default 0.9; 0: only on "
-                        "average, the rank of earlier versions)")
+                        "--target-recall (training-conditional conformal, e.g. 0.9; default 0: "
+                        "on average; the card reports the confidence reached either way)")
     p.add_argument("--platt", action=argparse.BooleanOptionalAction,
                    help="fit per-label Platt scaling on the calibration split and bake it into the "
                         "output layer (default on)")

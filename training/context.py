@@ -147,7 +147,7 @@ def fit_head(train: Sequences, calib: Sequences, epochs: int = 12, lr: float = 1
 
 
 def measure(model, parts: dict, target_recall: float | None, candidates,
-            epochs: int = 12, seed: int = 0, confidence: float | None = 0.9) -> tuple[object, dict]:
+            epochs: int = 12, seed: int = 0, confidence: float | None = None) -> tuple[object, dict]:
     """Train the head on `parts["train"]`, choose its study rule and thresholds on
     `parts["calibration"]`, and report study figures on every other part (test, held-out
     sites), as `training.evaluate.figures` does for the slice model. `parts`: name →

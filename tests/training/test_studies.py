@@ -113,10 +113,10 @@ def test_recall_confidence_holds_the_target_on_new_studies_not_only_on_average()
     assert studies.conformal_rank(30, 0.95, 0.9) == (30, 0.7854)
     rng = np.random.default_rng(4)
     calibration = make_set(bleeds(40, rng) + spiky_normals(10, rng))
-    rule, rows = studies.choose_rule(calibration, 0.95, candidates=[("max", 1)])
+    rule, rows = studies.choose_rule(calibration, 0.95, candidates=[("max", 1)], confidence=0.9)
     assert rows[0]["recall_confidence"] == studies.conformal_rank(40, 0.95, 0.9)[1] == 0.8715
     assert rows[0]["tp"] == 40, "k = P: every calibration bleed alerts"
-    marginal, rows = studies.choose_rule(calibration, 0.95, candidates=[("max", 1)], confidence=None)
+    marginal, rows = studies.choose_rule(calibration, 0.95, candidates=[("max", 1)])   # default
     assert rows[0]["tp"] == 39 and rows[0]["recall_confidence"] == 0.6009
     assert marginal.thresholds[ANY] > rule.thresholds[ANY]
 
