@@ -9,9 +9,8 @@ would see it.
 
 The operating point is chosen on calibration studies (`choose_rule`): each candidate rule gets,
 for `any`, the threshold in the middle (in logits) of the gap between the weakest bleeds the
-target study recall keeps (as a recall on new studies that holds with a stated confidence:
-split-conformal, `conformal_rank`, on average or with a stated confidence) and the highest normal study below them,
-and for each subtype the
+target study recall keeps on new studies (split-conformal, `conformal_rank`: on average, or
+with a stated confidence) and the highest normal study below them, and for each subtype the
 same around the threshold of best Youden's J (`study_threshold`); the
 candidate with the best calibration specificity on `any` wins, then the one with the widest gap
 (the most robust separation), then AUC, then the simpler rule. Figures are then reported on test
@@ -139,9 +138,9 @@ def study_threshold(y, scores, target_recall: float | None,
     With `target_recall` (the `any` alert), t_hi is the k-th highest score of the P positive
     calibration studies, k from `conformal_rank`: recall on new bleeding studies exchangeable
     with them is >= R on average (`confidence` None) or with probability `confidence`, not only
-    on calibration (⌈R·P⌉ gave 0.93 on 30 test bleeds in one of three runs). Without a target (a subtype, which names the
-    bleed of an alerted study rather than raising one), t_hi maximises Youden's J (recall +
-    specificity − 1; ties: the lower threshold).
+    on calibration (⌈R·P⌉ gave 0.93 on 30 test bleeds in one of three runs). Without a target
+    (a subtype, which names the bleed of an alerted study rather than raising one), t_hi
+    maximises Youden's J (recall + specificity − 1; ties: the lower threshold).
     Any threshold down to the highest normal study below t_hi keeps the same calibration figures, and calibration cannot tell them apart, but new studies can:
     t_hi sits on the weakest bleeds kept, so a slightly weaker bleed is missed. The threshold is
     therefore the midpoint, in logits, of that gap (a max-margin choice; measured on the first
