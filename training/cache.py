@@ -189,14 +189,14 @@ class SliceCache:
     # ------------------------------------------------------------------ tf.data
 
     def batches(self, slices: Slices, batch_size: int, *, training: bool, seed: int = 0,
-                augment: bool = False, hu_augment=None, positive_fraction: float | None = None,
-                shard: tuple[int, int] = (1, 0), raw: bool = False):
+                augment: float = 0.0, hu_augment=None, positive_fraction: float | None = None,
+                shard: tuple[int, int] = (1, 0), raw: bool = False, mixup: float = 0.0):
         """A tf.data pipeline over `slices` (rows of this cache).
 
         Training: reshuffled every epoch, repeated forever, full batches only, positive
         oversampling as `training.data.dataset` does it, HU augmentation (a
-        `training.data.HUAugment`) then windows then geometric augmentation; yields
-        (images, labels). `raw`: yields (float16 HU, labels) and leaves augmentation and
+        `training.data.HUAugment`) then windows then `mixup` (α; 0: off) then geometric
+        augmentation; yields (images, labels). `raw`: yields (float16 HU, labels) and leaves augmentation and
         windows to the training step, on the accelerator (`training.data.DevicePreprocess`):
         the host then only reads. `shard` (count, index): this input pipeline's share of the
         rows, one per worker under a multi-worker strategy.
@@ -204,7 +204,7 @@ class SliceCache:
         """
         import tensorflow as tf
 
-        from training.data import augmenter, index_dataset, tf_windows
+        from training.data import augmenter, index_dataset, mixup as mix, tf_windows
 
         if slices.rows is None:
             raise ValueError("these slices are not rows of a prepared cache")
@@ -233,14 +233,17 @@ class SliceCache:
         ds = ds.enumerate()
 
         def load(step, p):
-            hu = read(p)
+            hu, y = read(p), tf.gather(labels, p)
+            batch_seed = tf.stack([tf.constant(seed + index, tf.int64), step])
             if hu_augment is not None:
-                hu = hu_augment.tf(hu, tf.stack([tf.constant(seed + index, tf.int64), step]))
-            return tf_windows(hu), tf.gather(labels, p)
+                hu = hu_augment.tf(hu, batch_seed)
+            if mixup:
+                return mix(tf_windows(hu), y, mixup, batch_seed)
+            return tf_windows(hu), y
 
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if augment:
-            layer = augmenter(seed + index)
+            layer = augmenter(seed + index, augment)
             ds = ds.map(lambda x, y: (layer(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -42,6 +42,8 @@ class TrainConfig:
     weights: str = "none"                    # none | imagenet | path to a weights file
     bn_momentum: float | None = None         # None = Keras' 0.99
     ema: float = 0.0                         # weight averaging momentum per step (0: off)
+    weight_decay: float = 0.0                # AdamW's decoupled weight decay (0: Adam)
+    mixup: float = 0.0                       # mixup's Beta(α, α) on training batches (0: off)
     # optimisation
     batch_size: int = 32
     learning_rate: float = 3e-4
@@ -51,6 +53,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None       # None = one pass over the training images; 0 = auto
     loss: str = "bce"                        # bce | weighted (RSNA weights: any counts twice)
     augment: bool = True
+    augment_scale: float = 1.0               # geometric ranges × this (1: ±6°, ±6 % shift, ±8 % zoom)
     hu_augment: str = "none"                 # none | all | comma list of training.data.HU_AUGMENTS
     bn_recalibrate: int = 0                  # batches of BN statistics recomputed before validation
     validate_from: int = 1                   # first epoch validated (and eligible as best)
@@ -116,6 +119,10 @@ class TrainConfig:
             raise ConfigError("--bn-momentum must be in [0, 1)")
         if not 0 <= self.ema < 1:
             raise ConfigError("--ema must be in [0, 1) (0: no weight averaging)")
+        if not 0 < self.augment_scale <= 5:
+            raise ConfigError("--augment-scale must be in (0, 5] (1: ±6°, ±6 % shift, ±8 % zoom)")
+        if self.weight_decay < 0 or self.mixup < 0:
+            raise ConfigError("--weight-decay and --mixup must be >= 0 (0: off)")
         if self.ema and not self.bn_recalibrate:
             raise ConfigError("--ema needs --bn-recalibrate N > 0: averaged weights need "
                               "BatchNorm statistics of their own")
@@ -228,6 +235,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, metavar="MOMENTUM",
                    help="validate and export a moving average of the weights, updated every "
                         "step with this momentum (0: off)")
+    p.add_argument("--weight-decay", type=float, metavar="WD",
+                   help="AdamW's decoupled weight decay per unit learning rate (0: Adam)")
+    p.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="blend each training image with another, weight ~ Beta(ALPHA, ALPHA) "
+                        "(0: off)")
     p.add_argument("--bn-recalibrate", type=int, metavar="BATCHES",
                    help="recompute BatchNorm statistics on this many batches before validation")
     p.add_argument("--validate-from", type=int, metavar="EPOCH",
@@ -238,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("bce", "weighted"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="geometric batch augmentation: flip, rotation, shift, zoom (default on)")
+    p.add_argument("--augment-scale", type=float, metavar="X",
+                   help="widen (or narrow) the geometric ranges: 1 = ±6° rotation, ±6 %% shift, "
+                        "±8 %% zoom")
     p.add_argument("--hu-augment", metavar="OPS",
                    help="augmentation in HU before windowing: all | none | comma list of "
                         "calibration,kernel,noise (default all with the scratch recipe)")

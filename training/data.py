@@ -384,18 +384,41 @@ class Decoder:
                 "examples": sorted(os.path.basename(p) for p in self.skipped)[:10]}
 
 
-def augmenter(seed: int):
+def augmenter(seed: int, scale: float = 1.0):
     """Cheap, label-preserving batch augmentation: left-right flip (heads are near-symmetric),
-    ±6° rotation, ±6 % shift and ±8 % zoom, filling with 0 (air in every window)."""
+    ±6° rotation, ±6 % shift and ±8 % zoom, each range × `scale` (`--augment-scale`), filling
+    with 0 (air in every window)."""
     import keras
 
     fill = {"fill_mode": "constant", "fill_value": 0.0}
+    scale = float(scale)
     return keras.Sequential([
         keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(6 / 360, seed=seed + 1, **fill),
-        keras.layers.RandomTranslation(0.06, 0.06, seed=seed + 2, **fill),
-        keras.layers.RandomZoom(0.08, seed=seed + 3, **fill),
+        keras.layers.RandomRotation(scale * 6 / 360, seed=seed + 1, **fill),
+        keras.layers.RandomTranslation(scale * 0.06, scale * 0.06, seed=seed + 2, **fill),
+        keras.layers.RandomZoom(min(scale * 0.08, 0.9), seed=seed + 3, **fill),
     ], name="augment")
+
+
+def mixup(images, labels, alpha: float, seed):
+    """Mixup (Zhang et al., ICLR 2018): each image of the batch blended with its neighbour in
+    the (shuffled) batch, λ·x_i + (1−λ)·x_{i−1}, and its labels alike, λ ~ Beta(α, α) folded to
+    ≥ 0.5 so every image stays mostly itself. A small folder is memorised within a few passes;
+    mixed pairs are new every step. The labels' mean is unchanged, so the sampler's prior
+    correction still holds. `seed`: a stateless seed pair (the batch's own)."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    seeds = [tf.random.experimental.stateless_fold_in(seed, k) for k in (1001, 1002)]
+    g, h = (tf.random.stateless_gamma([n], s, alpha) for s in seeds)
+    lam = tf.maximum(g / (g + h), 1.0 - g / (g + h))
+    lam = tf.where(tf.math.is_finite(lam), lam, tf.ones_like(lam))   # 0/0 when both draws are 0
+
+    def mix(x):
+        w = tf.reshape(tf.cast(lam, x.dtype), [-1] + [1] * (len(x.shape) - 1))
+        return w * x + (1 - w) * tf.roll(x, 1, axis=0)
+
+    return mix(images), mix(labels)
 
 
 class DevicePreprocess:
@@ -408,14 +431,16 @@ class DevicePreprocess:
     HU augmentation is seeded by (seed, optimizer step, replica) as the host pipeline seeds it
     by (seed, batch number); the geometric layers keep their own seed generators."""
 
-    def __init__(self, seed: int, hu_augment: "HUAugment | None", augment: bool, size: int) -> None:
-        self.seed, self.hu_augment = seed, hu_augment
-        self.layer = augmenter(seed) if augment else None
+    def __init__(self, seed: int, hu_augment: "HUAugment | None", augment: float, size: int,
+                 mixup: float = 0.0) -> None:
+        self.seed, self.hu_augment, self.mixup = seed, hu_augment, mixup
+        self.layer = augmenter(seed, augment) if augment else None
         if self.layer is not None:
             self.layer.build((None, size, size, 3))   # its variables now, not while tracing
 
-    def __call__(self, hu, step):
-        """(B, S, S) HU of any float dtype, the step (int) → (B, S, S, 3) float32 windows."""
+    def __call__(self, hu, step, labels=None):
+        """(B, S, S) HU of any float dtype, the step (int) → (B, S, S, 3) float32 windows;
+        with `labels`, (windows, labels), mixed as the host pipeline mixes them (`mixup`)."""
         import tensorflow as tf
 
         hu = tf.cast(hu, tf.float32)
@@ -426,9 +451,12 @@ class DevicePreprocess:
                 seed = tf.random.experimental.stateless_fold_in(seed, replica.replica_id_in_sync_group)
             hu = self.hu_augment.tf(hu, seed)
         images = tf_windows(hu)
+        if labels is not None and self.mixup:
+            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+            images, labels = mixup(images, tf.cast(labels, tf.float32), self.mixup, seed)
         if self.layer is not None:
             images = self.layer(images, training=True)
-        return images
+        return images if labels is None else (images, labels)
 
 
 def positive_odds_ratio(slices: Slices, positive_fraction: float | None) -> float:
@@ -465,7 +493,7 @@ def index_dataset(positive, training: bool, seed: int = 0, positive_fraction: fl
 
 
 def dataset(slices: Slices, decoder: Decoder, batch_size: int, *, training: bool,
-            seed: int = 0, augment: bool = False, workers: int = 2,
+            seed: int = 0, augment: float = 0.0, workers: int = 2,
             positive_fraction: float | None = None):
     """A tf.data pipeline straight from DICOM: parallel decode → drop skipped slices → batch.
 
@@ -492,7 +520,7 @@ def dataset(slices: Slices, decoder: Decoder, batch_size: int, *, training: bool
         ds = ds.map(lambda image, ok, index: (image, tf.gather(labels, index)))
         ds = ds.batch(batch_size, drop_remainder=True)
         if augment:
-            layer = augmenter(seed)
+            layer = augmenter(seed, augment)
             ds = ds.map(lambda x, y: (layer(x, training=True), y))
     else:
         ds = ds.map(lambda image, ok, index: (image, index)).batch(batch_size)

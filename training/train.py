@@ -222,7 +222,7 @@ class MyDeepModel:
                  weights=None, verbose=1, *, bn_momentum=None, loss="bce",
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
-                 run_dir=None, augment_on="host", ema=0.0):
+                 run_dir=None, augment_on="host", ema=0.0, weight_decay=0.0, mixup=0.0):
         import tensorflow as tf
 
         from ich.model import build_model
@@ -237,6 +237,8 @@ class MyDeepModel:
         self.weights = None if weights in (None, "none", "") else weights
         self.bn_momentum = bn_momentum
         self.ema = ema                     # momentum of the weights' moving average (0: none)
+        self.weight_decay = weight_decay   # AdamW's decoupled decay (0: Adam)
+        self.mixup = mixup                 # Beta(α, α) of training.data.mixup (0: off)
         self.verbose, self.loss, self.steps_per_epoch = verbose, loss, steps_per_epoch
         self.augment, self.bn_recalibrate = augment, bn_recalibrate
         self.validate_from = min(validate_from, num_epochs)
@@ -262,7 +264,12 @@ class MyDeepModel:
 
         loss = weighted_bce() if self.loss == "weighted" else keras.losses.BinaryCrossentropy()
         averaging = {"use_ema": True, "ema_momentum": self.ema} if self.ema else {}
-        self.model.compile(optimizer=keras.optimizers.Adam(self.learning_rate, **averaging), loss=loss)
+        if self.weight_decay:   # decoupled (Loshchilov & Hutter): not scaled by Adam's moments
+            optimizer = keras.optimizers.AdamW(self.learning_rate, weight_decay=self.weight_decay,
+                                               **averaging)
+        else:
+            optimizer = keras.optimizers.Adam(self.learning_rate, **averaging)
+        self.model.compile(optimizer=optimizer, loss=loss)
 
     def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache):
         """Train on rows of a prepared `cache` with step decay and per-epoch validation;
@@ -325,11 +332,11 @@ class MyDeepModel:
             # the model as it is, so the build is skipped as under multi-worker (below).
             with self.strategy.scope():
                 prepare = DevicePreprocess(self.seed + self.task_id, self.hu_augment,
-                                           self.augment, self.input_dims[0])
+                                           self.augment, self.input_dims[0], self.mixup)
                 if not self.model.optimizer.built:   # that build made its slots before tracing
                     self.model.optimizer.build(self.model.trainable_variables)
             iterations, inner = self.model.optimizer.iterations, step
-            step = lambda data: inner((prepare(data[0], iterations), data[1]))   # noqa: E731
+            step = lambda data: inner(prepare(data[0], iterations, data[1]))   # noqa: E731
         if multi:
             logged = step
             step = lambda data: {k: tf.reshape(v, [1]) for k, v in logged(data).items()}  # noqa: E731
@@ -348,7 +355,7 @@ class MyDeepModel:
         pipeline (worker), each reading its own share of the rows at the per-replica batch."""
         kwargs = {"training": True, "seed": self.seed, "augment": self.augment,
                   "hu_augment": self.hu_augment, "positive_fraction": self.positive_fraction,
-                  "raw": self.augment_on == "device"}
+                  "raw": self.augment_on == "device", "mixup": self.mixup}
         if self.replicas == 1:
             return self.cache.batches(train_df, self.global_batch, **kwargs)
         return self.strategy.distribute_datasets_from_function(
@@ -672,9 +679,9 @@ def run(config: TrainConfig) -> Path | None:
             batch_size=config.batch_size, learning_rate=config.learning_rate,
             num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
             weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
-            ema=config.ema,
+            ema=config.ema, weight_decay=config.weight_decay, mixup=config.mixup,
             loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train), strategy.num_replicas_in_sync),
-            augment=config.augment, bn_recalibrate=config.bn_recalibrate,
+            augment=config.augment and config.augment_scale, bn_recalibrate=config.bn_recalibrate,
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,
             workers=config.workers, seed=config.seed, hu_augment=hu_augment(config.hu_augment),
             strategy=strategy, run_dir=run_dir, augment_on=augment_on(config.augment_on))

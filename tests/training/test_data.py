@@ -182,6 +182,74 @@ def test_augmentation_on_the_device_computes_what_the_host_pipeline_computes(cac
     assert moved.shape == h0.shape and not np.allclose(moved, h0)
 
 
+def test_mixup_blends_each_image_and_its_labels_by_one_weight_on_host_and_device(cache):
+    """`--mixup`: every training image becomes λ·itself + (1−λ)·its batch neighbour, λ ≥ 0.5,
+    and its labels the same blend (soft targets); the device step computes what the host
+    pipeline computes for the same seed and step."""
+    ts = cache.slices.take(np.arange(len(cache.slices)))
+    kwargs = {"training": True, "seed": 4, "hu_augment": data.HUAugment(), "augment": False}
+    plain = cache.batches(ts, 8, **kwargs)
+    mixed = cache.batches(ts, 8, mixup=0.4, **kwargs)
+    weights, mixed_batches = [], []
+    for (x, y), (m, z) in zip(plain.take(3), mixed.take(3)):
+        x, y, m, z = x.numpy(), y.numpy(), m.numpy(), z.numpy()
+        mixed_batches.append((m, z))
+        xp, yp = np.roll(x, 1, axis=0), np.roll(y, 1, axis=0)
+        d = (x - xp).reshape(8, -1)
+        lam = ((m - xp).reshape(8, -1) * d).sum(1) / (d * d).sum(1)   # least squares per image
+        assert 0.5 - 1e-4 <= lam.min() and lam.max() <= 1 + 1e-4
+        np.testing.assert_allclose(m, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * xp,
+                                   atol=1e-4)
+        np.testing.assert_allclose(z, lam[:, None] * y + (1 - lam[:, None]) * yp, atol=1e-3)
+        weights.extend(lam)
+    assert min(weights) < 0.9          # it mixes, not only a rounding away from the originals
+    raw = cache.batches(ts, 8, training=True, seed=4, raw=True)
+    device = data.DevicePreprocess(4, data.HUAugment(), augment=False, size=75, mixup=0.4)
+    for step, (hu, labels) in enumerate(raw.take(2)):
+        images, soft = device(hu, step, labels)
+        np.testing.assert_allclose(images.numpy(), mixed_batches[step][0], atol=1e-5)
+        np.testing.assert_allclose(soft.numpy(), mixed_batches[step][1], atol=1e-6)
+
+
+def test_weight_decay_shrinks_the_weights_apart_from_the_gradient():
+    """`--weight-decay`: AdamW's decoupled decay. With zero gradients Adam moves nothing, and
+    AdamW multiplies every weight by 1 − lr·wd; the weight average (--ema) is kept."""
+    import tensorflow as tf
+
+    deep = MyDeepModel(input_dims=(75, 75, 3), learning_rate=0.1, weight_decay=0.5, ema=0.9, verbose=0)
+    opt, variables = deep.model.optimizer, deep.model.trainable_variables
+    assert opt.use_ema and opt.ema_momentum == 0.9
+    before = [v.numpy().copy() for v in variables]
+    opt.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+    kernel = next(i for i, v in enumerate(variables) if np.abs(before[i]).max() > 0)
+    np.testing.assert_allclose(variables[kernel].numpy(), 0.95 * before[kernel], rtol=1e-5)
+    plain = MyDeepModel(input_dims=(75, 75, 3), learning_rate=0.1, verbose=0)
+    kept = [v.numpy().copy() for v in plain.model.trainable_variables]
+    plain.model.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in plain.model.trainable_variables])
+    assert all(np.array_equal(v.numpy(), k) for v, k in zip(plain.model.trainable_variables, kept))
+    with pytest.raises(config.ConfigError, match="--weight-decay and --mixup"):
+        config.TrainConfig(synthetic_studies=4, weight_decay=-1).validate()
+
+
+def test_augment_scale_widens_the_geometric_ranges():
+    """`--augment-scale 3` moves an off-centre dot about three times as far as the default
+    ranges (±6°, ±6 % shift, ±8 % zoom); the dot sits on the midline so flips keep it."""
+    image = np.zeros((64, 75, 75, 3), np.float32)
+    image[:, 24:28, 36:39] = 1.0
+
+    def displacement(scale):
+        out = np.asarray(data.augmenter(3, scale)(image, training=True))[..., 0]
+        rows, cols = np.indices(out.shape[1:])
+        mass = out.sum(axis=(1, 2))
+        centre = np.stack([(out * rows).sum(axis=(1, 2)) / mass, (out * cols).sum(axis=(1, 2)) / mass], 1)
+        return float(np.linalg.norm(centre - [25.5, 37.0], axis=1).mean())
+
+    default, wide = displacement(1.0), displacement(3.0)
+    assert default > 0.5 and 2.0 < wide / default < 4.5
+    with pytest.raises(config.ConfigError, match="--augment-scale"):
+        config.TrainConfig(synthetic_studies=4, augment_scale=0).validate()
+
+
 def test_hu_augment_names():
     assert data.hu_augment("none") is None and data.hu_augment("") is None
     assert data.hu_augment("all").ops == data.HU_AUGMENTS
