@@ -11,6 +11,7 @@ TensorFlow is imported lazily: importing this module (e.g. to read a card) stays
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -108,13 +109,17 @@ class ModelCard:
 
 
 def build_model(engine: str = "InceptionV3", input_size: int = 224, weights: str | None = None,
-                bn_momentum: float | None = None) -> "keras.Model":
+                bn_momentum: float | None = None, flip_average: bool = False) -> "keras.Model":
     """`engine` without its top, global average pooling, Dense(6, sigmoid) in LABELS order.
 
     `weights`: None (from scratch, the default here: nothing can be downloaded), "imagenet"
     (Keras downloads them where the internet is reachable) or a local weights file path.
     `bn_momentum`: Keras' 0.99 suits long ImageNet runs; short runs from scratch need a lower
     value or the running statistics used at inference never settle (DESIGN §6).
+    `flip_average`: test-time augmentation inside the model. The engine sees the slice and its
+    left-right mirror (heads are near-symmetric; training flips too) and the head reads the
+    mean of the two pooled feature vectors, which for a linear head is the mean of the two
+    logits. Same weights, in the same order, as the plain model; twice the engine's work.
     """
     import keras
 
@@ -130,9 +135,30 @@ def build_model(engine: str = "InceptionV3", input_size: int = 224, weights: str
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = bn_momentum
+    features = base(x)
+    if flip_average:
+        features = keras.layers.Average(name="flip_average")([features, base(mirror_layer()(name="mirror")(x))])
     # float32 whatever the dtype policy: mixed-precision training keeps its probabilities exact
-    outputs = keras.layers.Dense(len(LABELS), activation="sigmoid", name="ich", dtype="float32")(base(x))
+    outputs = keras.layers.Dense(len(LABELS), activation="sigmoid", name="ich", dtype="float32")(features)
     return keras.Model(inputs, outputs, name=f"ich_{engine.lower()}")
+
+
+@functools.cache
+def mirror_layer():
+    """The MirrorLR layer class, defined (and registered with Keras) on first use: importing
+    this module stays TensorFlow-free."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="ich")
+    class MirrorLR(keras.layers.Layer):
+        """The image mirrored left-right (axis 2 of NHWC): a fixed, serialisable layer, so an
+        artifact with `flip_average` loads wherever `ich.model` is imported."""
+
+        def call(self, x):
+            return keras.ops.flip(x, axis=2)
+
+    return MirrorLR
+
 
 
 def _engine_scaling(engine: str, x):
@@ -167,6 +193,7 @@ def load_artifact(folder: Path) -> tuple["keras.Model", ModelCard]:
     card = ModelCard.read(folder)
     if not (folder / MODEL_FILE).is_file():
         raise ArtifactError(f"{folder / MODEL_FILE} is missing")
+    mirror_layer()                   # registered before any load (flip-averaged artifacts)
     model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     if tuple(model.input_shape[1:]) != (card.input_size, card.input_size, 3):
         raise ArtifactError(f"model input {model.input_shape} ≠ card input_size {card.input_size}")

@@ -53,9 +53,11 @@ def blood_detector(root: Path, version: str = "test-detector-1", min_pixels: flo
     return _publish(model, card, root)
 
 
-def random_inception(root: Path, version: str = "test-inception-1", status: str = "ok") -> Path:
-    """`status="failed"`: a card that says training's quality check failed."""
-    model = build_model("InceptionV3", SIZE, weights=None)
+def random_inception(root: Path, version: str = "test-inception-1", status: str = "ok",
+                     flip_average: bool = False) -> Path:
+    """`status="failed"`: a card that says training's quality check failed. `flip_average`:
+    the graph that averages each slice with its mirror (`ich.model.build_model`)."""
+    model = build_model("InceptionV3", SIZE, weights=None, flip_average=flip_average)
     verdict = {"passed": False, "reasons": ["held-out any AUC 0.500 < 0.75"]} if status == "failed" else {}
     return _publish(model, ModelCard(version=version, input_size=SIZE, status=status, verdict=verdict), root)
 

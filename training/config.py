@@ -66,6 +66,7 @@ class TrainConfig:
     augment_on: str = "auto"                 # host (tf.data) | device (training step) | auto: device with a GPU
     resume: str | None = None                # a run folder (<out>/runs/<version>) to continue
     platt: bool = True                       # per-label Platt scaling fitted on calibration
+    flip_average: bool = False               # the artifact averages each slice with its mirror
     context: bool = False                    # also train and measure the slice-context head
     # thresholds and export
     target_recall: float | None = 0.95       # STUDY recall on calibration; None: max rule, any 0.15
@@ -250,6 +251,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("bce", "weighted"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="geometric batch augmentation: flip, rotation, shift, zoom (default on)")
+    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
+                   help="test-time augmentation in the artifact: each slice is scored with its "
+                        "left-right mirror and the two averaged (twice the inference work)")
     p.add_argument("--augment-scale", type=float, metavar="X",
                    help="widen (or narrow) the geometric ranges: 1 = ±6° rotation, ±6 %% shift, "
                         "±8 %% zoom")

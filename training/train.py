@@ -222,7 +222,8 @@ class MyDeepModel:
                  weights=None, verbose=1, *, bn_momentum=None, loss="bce",
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
-                 run_dir=None, augment_on="host", ema=0.0, weight_decay=0.0, mixup=0.0):
+                 run_dir=None, augment_on="host", ema=0.0, weight_decay=0.0, mixup=0.0,
+                 flip_average=False):
         import tensorflow as tf
 
         from ich.model import build_model
@@ -239,6 +240,7 @@ class MyDeepModel:
         self.ema = ema                     # momentum of the weights' moving average (0: none)
         self.weight_decay = weight_decay   # AdamW's decoupled decay (0: Adam)
         self.mixup = mixup                 # Beta(α, α) of training.data.mixup (0: off)
+        self.flip_average = flip_average   # the exported graph averages slice and mirror
         self.verbose, self.loss, self.steps_per_epoch = verbose, loss, steps_per_epoch
         self.augment, self.bn_recalibrate = augment, bn_recalibrate
         self.validate_from = min(validate_from, num_epochs)
@@ -365,11 +367,13 @@ class MyDeepModel:
 
     def export_model(self):
         """The trained network as a single-device float32 model (the artifact), whatever
-        strategy and precision trained it."""
+        strategy and precision trained it; with `flip_average`, the same weights in the graph
+        that averages each slice with its mirror (`ich.model.build_model`)."""
         from ich.model import build_model
 
         with precision("none"):
-            model = build_model(self.engine, self.input_dims[0], None, self.bn_momentum)
+            model = build_model(self.engine, self.input_dims[0], None, self.bn_momentum,
+                                flip_average=self.flip_average)
         model.set_weights([v.value.numpy() for v in self.model.weights])
         return model
 
@@ -680,6 +684,7 @@ def run(config: TrainConfig) -> Path | None:
             num_epochs=config.epochs, decay_rate=config.decay_rate, decay_steps=config.decay_steps,
             weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
             ema=config.ema, weight_decay=config.weight_decay, mixup=config.mixup,
+            flip_average=config.flip_average,
             loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train), strategy.num_replicas_in_sync),
             augment=config.augment and config.augment_scale, bn_recalibrate=config.bn_recalibrate,
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,
@@ -692,6 +697,10 @@ def run(config: TrainConfig) -> Path | None:
     # Calibration chose the epoch; it now calibrates the probabilities and chooses the operating
     # point. Test chooses nothing.
     v = deep.validation
+    if config.flip_average:   # what calibrates is what will serve: slice and mirror averaged
+        rows, v.p = evaluate.predict_batches(evaluate.compiled_forward(deep.export_model()),
+                                             cache.batches(calib.take(v.rows), config.batch_size, training=False))
+        assert np.array_equal(rows, np.arange(len(v.rows)))
     platt = fit_platt(v.y, v.p) if config.platt else {}
     if platt:
         deep.apply_platt(platt)

@@ -310,6 +310,7 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
                                           c.positive_fraction, c.steps_per_epoch) == (128, 1e-3, 0.9, 0.99, 0.3, 0)
         assert (c.split, c.target_recall, c.study_rule) == ("study", 0.95, "auto")   # study recall
         assert c.recall_confidence == 0.0            # on average (0.9 was measured: an option)
+        assert (c.flip_average, c.mixup, c.weight_decay, c.augment_scale) == (False, 0.0, 0.0, 1.0)   # measured: no gain
     real = config.load(["--data", "d", "--recipe", "reference"])
     assert (real.engine, real.input_size, real.batch_size, real.learning_rate, real.epochs,
             real.decay_rate, real.decay_steps, real.weights, real.split, real.steps_per_epoch, real.ema) == (

@@ -31,6 +31,7 @@ def run(tmp_path_factory):
     argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
             "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
             "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3", "--site-studies", "3", "--context",
+            "--flip-average",   # calibrated, measured and exported as the mirror-averaging graph
             "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed"]
     assert main(argv) == 0   # two steps learn nothing: --allow-failed exports and promotes it
     return {"root": root, "phantoms": phantoms, "broken": broken.stem,
@@ -43,6 +44,9 @@ def test_artifact_loads_and_scores_windows(run):
     x = np.random.default_rng(0).random((2, 75, 75, 3), np.float32)
     p = np.asarray(model(x, training=False))
     assert p.shape == (2, 6) and np.all(np.isfinite(p) & (p >= 0) & (p <= 1))  # may saturate
+    # --flip-average: a slice and its mirror score alike (the plain graph would not promise it)
+    np.testing.assert_allclose(np.asarray(model(x[:, :, ::-1].copy(), training=False)), p, atol=1e-5)
+    assert model.get_layer("mirror") is not None
 
 
 def test_promote_points_current_at_the_new_version(run):

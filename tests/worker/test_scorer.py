@@ -58,6 +58,38 @@ def test_a_model_that_failed_its_quality_check_is_refused_unless_forced(redis_ur
     assert forced.version == "failed-1"
 
 
+def test_a_flip_averaged_artifact_is_served_with_the_plain_models_weights(redis_url, tmp_path):
+    """`--flip-average`: the artifact scores each slice with its mirror, averaging the logits;
+    its weights are the plain model's, in the same order. It loads in a process that never
+    built one (the mirror layer is registered by `ich.model.load_artifact`) and serves a slice
+    and its mirror alike."""
+    import subprocess
+    import sys
+
+    import keras
+
+    from ich.model import build_model
+
+    folder = random_inception(tmp_path / "models", "flip-1", flip_average=True)
+    served = Scorer(Settings.from_env({"ICH_REDIS_URL": redis_url}), redis.Redis.from_url(redis_url), folder)
+    x = np.random.default_rng(5).random((3, SIZE, SIZE, 3), dtype=np.float32)
+    mirrored = x[:, :, ::-1].copy()
+    p = served.predict(x)
+    np.testing.assert_allclose(served.predict(mirrored), p, atol=1e-6)
+    plain = build_model("InceptionV3", SIZE)
+    plain.set_weights(served.model.get_weights())
+    logit = lambda q: np.log(q / (1 - q))   # noqa: E731
+    halves = (logit(np.asarray(plain(x, training=False))) + logit(np.asarray(plain(mirrored, training=False)))) / 2
+    np.testing.assert_allclose(logit(p), halves, atol=1e-4)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np; from ich.model import load_artifact; "
+            "m, _ = load_artifact(sys.argv[1]); np.save(sys.argv[2], np.asarray(m(np.load(sys.argv[3]), training=False)))")
+    subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "p.npy"), str(tmp_path / "x.npy")],
+                   check=True, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), p, atol=1e-5)
+    assert isinstance(served.model.get_layer("mirror"), keras.layers.Layer)
+
+
 def test_pre_process_decodes_good_slices_and_fails_bad_ones_alone(scorer, redis_url):
     good = [to_bytes(ct_dataset(lesion_hu(64, seed=i))) for i in range(3)]
     metas = queue_slices(redis_url, [good[0], b"\x00garbage", good[1], good[2]])
