@@ -151,14 +151,13 @@ def mirror_layer():
 
     @keras.saving.register_keras_serializable(package="ich")
     class MirrorLR(keras.layers.Layer):
-        """The image mirrored left-right (axis 2 of NHWC): a fixed, serialisable layer, so an
-        artifact with `flip_average` loads wherever `ich.model` is imported."""
+        """The image mirrored left-right (axis 2 of NHWC): a fixed, serialisable layer.
+        Registered when `mirror_layer()` first runs: `load_artifact` runs it before loading."""
 
         def call(self, x):
             return keras.ops.flip(x, axis=2)
 
     return MirrorLR
-
 
 
 def _engine_scaling(engine: str, x):

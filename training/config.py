@@ -120,10 +120,10 @@ class TrainConfig:
             raise ConfigError("--bn-momentum must be in [0, 1)")
         if not 0 <= self.ema < 1:
             raise ConfigError("--ema must be in [0, 1) (0: no weight averaging)")
-        if not 0 < self.augment_scale <= 5:
+        if not 0 < self.augment_scale <= 5:   # NaN fails every comparison, so it is refused
             raise ConfigError("--augment-scale must be in (0, 5] (1: ±6°, ±6 % shift, ±8 % zoom)")
-        if self.weight_decay < 0 or self.mixup < 0:
-            raise ConfigError("--weight-decay and --mixup must be >= 0 (0: off)")
+        if not all(0 <= v < math.inf for v in (self.weight_decay, self.mixup)):
+            raise ConfigError("--weight-decay and --mixup must be finite and >= 0 (0: off)")
         if self.ema and not self.bn_recalibrate:
             raise ConfigError("--ema needs --bn-recalibrate N > 0: averaged weights need "
                               "BatchNorm statistics of their own")

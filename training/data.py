@@ -424,12 +424,13 @@ def mixup(images, labels, alpha: float, seed):
 class DevicePreprocess:
     """The training step's own input stage when augmentation runs on the accelerator
     (`--augment-on device`): float16 HU batches from the cache → `HUAugment` → windows →
-    `augmenter`, the host pipeline's ops and ranges in the same order, inside the compiled
-    step. The host then only reads shards: 28.7× the per-core DICOM decode rate against 0.5×
-    with the augmentation on the CPU (docs/training.md, "At scale").
+    `mixup` → `augmenter`, the host pipeline's ops and ranges in the same order, inside the
+    compiled step. The host then only reads shards: 28.7× the per-core DICOM decode rate
+    against 0.5× with the augmentation on the CPU (docs/training.md, "At scale").
 
-    HU augmentation is seeded by (seed, optimizer step, replica) as the host pipeline seeds it
-    by (seed, batch number); the geometric layers keep their own seed generators."""
+    HU augmentation and mixup are seeded by (seed, optimizer step, replica) as the host
+    pipeline seeds them by (seed, batch number); the geometric layers keep their own seed
+    generators."""
 
     def __init__(self, seed: int, hu_augment: "HUAugment | None", augment: float, size: int,
                  mixup: float = 0.0) -> None:
@@ -444,15 +445,14 @@ class DevicePreprocess:
         import tensorflow as tf
 
         hu = tf.cast(hu, tf.float32)
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:   # each its own draws
+            seed = tf.random.experimental.stateless_fold_in(seed, replica.replica_id_in_sync_group)
         if self.hu_augment is not None:
-            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
-            replica = tf.distribute.get_replica_context()
-            if replica is not None and replica.num_replicas_in_sync > 1:
-                seed = tf.random.experimental.stateless_fold_in(seed, replica.replica_id_in_sync_group)
             hu = self.hu_augment.tf(hu, seed)
         images = tf_windows(hu)
         if labels is not None and self.mixup:
-            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
             images, labels = mixup(images, tf.cast(labels, tf.float32), self.mixup, seed)
         if self.layer is not None:
             images = self.layer(images, training=True)

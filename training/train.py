@@ -269,6 +269,9 @@ class MyDeepModel:
         if self.weight_decay:   # decoupled (Loshchilov & Hutter): not scaled by Adam's moments
             optimizer = keras.optimizers.AdamW(self.learning_rate, weight_decay=self.weight_decay,
                                                **averaging)
+            # weights only: the output bias holds the label priors (init_output_bias), and
+            # BatchNorm's scale and offset are no capacity to penalise
+            optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         else:
             optimizer = keras.optimizers.Adam(self.learning_rate, **averaging)
         self.model.compile(optimizer=optimizer, loss=loss)
@@ -700,7 +703,8 @@ def run(config: TrainConfig) -> Path | None:
     if config.flip_average:   # what calibrates is what will serve: slice and mirror averaged
         rows, v.p = evaluate.predict_batches(evaluate.compiled_forward(deep.export_model()),
                                              cache.batches(calib.take(v.rows), config.batch_size, training=False))
-        assert np.array_equal(rows, np.arange(len(v.rows)))
+        if not np.array_equal(rows, np.arange(len(v.rows))):
+            raise RuntimeError("calibration predictions out of order")
     platt = fit_platt(v.y, v.p) if config.platt else {}
     if platt:
         deep.apply_platt(platt)

@@ -223,12 +223,16 @@ def test_weight_decay_shrinks_the_weights_apart_from_the_gradient():
     opt.apply_gradients([(tf.zeros_like(v), v) for v in variables])
     kernel = next(i for i, v in enumerate(variables) if np.abs(before[i]).max() > 0)
     np.testing.assert_allclose(variables[kernel].numpy(), 0.95 * before[kernel], rtol=1e-5)
+    kept = {v.path: b for v, b in zip(variables, before) if v.path.split("/")[-1] in ("bias", "gamma", "beta")}
+    assert any(p.startswith("ich/") for p in kept)     # the output bias holds the label priors
+    assert all(np.array_equal(v.numpy(), kept[v.path]) for v in variables if v.path in kept)
     plain = MyDeepModel(input_dims=(75, 75, 3), learning_rate=0.1, verbose=0)
     kept = [v.numpy().copy() for v in plain.model.trainable_variables]
     plain.model.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in plain.model.trainable_variables])
     assert all(np.array_equal(v.numpy(), k) for v, k in zip(plain.model.trainable_variables, kept))
-    with pytest.raises(config.ConfigError, match="--weight-decay and --mixup"):
-        config.TrainConfig(synthetic_studies=4, weight_decay=-1).validate()
+    for bad in ({"weight_decay": -1}, {"weight_decay": float("nan")}, {"mixup": float("inf")}):
+        with pytest.raises(config.ConfigError, match="--weight-decay and --mixup"):
+            config.TrainConfig(synthetic_studies=4, **bad).validate()
 
 
 def test_augment_scale_widens_the_geometric_ranges():

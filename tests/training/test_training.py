@@ -31,7 +31,6 @@ def run(tmp_path_factory):
     argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
             "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
             "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3", "--site-studies", "3", "--context",
-            "--flip-average",   # calibrated, measured and exported as the mirror-averaging graph
             "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed"]
     assert main(argv) == 0   # two steps learn nothing: --allow-failed exports and promotes it
     return {"root": root, "phantoms": phantoms, "broken": broken.stem,
@@ -44,9 +43,6 @@ def test_artifact_loads_and_scores_windows(run):
     x = np.random.default_rng(0).random((2, 75, 75, 3), np.float32)
     p = np.asarray(model(x, training=False))
     assert p.shape == (2, 6) and np.all(np.isfinite(p) & (p >= 0) & (p <= 1))  # may saturate
-    # --flip-average: a slice and its mirror score alike (the plain graph would not promise it)
-    np.testing.assert_allclose(np.asarray(model(x[:, :, ::-1].copy(), training=False)), p, atol=1e-5)
-    assert model.get_layer("mirror") is not None
 
 
 def test_promote_points_current_at_the_new_version(run):
@@ -196,12 +192,18 @@ def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path,
     out = tmp_path / "models"
     code = main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
                  "--steps-per-epoch", "1", "--verbose", "0", "--seed", "4", "--out", str(out),
-                 "--version", "nosignal-1", "--promote"])
+                 "--version", "nosignal-1", "--promote",
+                 "--flip-average"])   # calibrated, judged and exported as the mirror-averaging graph
     assert code == 3 and "learned nothing" in capsys.readouterr().err
     assert not (out / "current").exists()
     card = ModelCard.read(out / "nosignal-1")
     assert card.status == "failed" and not card.verdict["passed"] and card.verdict["reasons"]
     assert json.loads((out / "nosignal-1" / "config.json").read_text())["recipe"] == "scratch"
+    model, _ = load_artifact(out / "nosignal-1")      # --flip-average: slice and mirror alike
+    x = np.random.default_rng(1).random((2, 75, 75, 3), np.float32)
+    np.testing.assert_allclose(np.asarray(model(x[:, :, ::-1].copy(), training=False)),
+                               np.asarray(model(x, training=False)), atol=1e-5)
+    assert model.get_layer("mirror") is not None
     proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(out / "nosignal-1"),
                            "--data", str(data), "--plots", str(tmp_path / "plots")],
                           capture_output=True, text=True, timeout=300)
