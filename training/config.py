@@ -251,12 +251,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("bce", "weighted"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="geometric batch augmentation: flip, rotation, shift, zoom (default on)")
-    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
-                   help="test-time augmentation in the artifact: each slice is scored with its "
-                        "left-right mirror and the two averaged (twice the inference work)")
     p.add_argument("--augment-scale", type=float, metavar="X",
                    help="widen (or narrow) the geometric ranges: 1 = ±6° rotation, ±6 %% shift, "
                         "±8 %% zoom")
+    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
+                   help="test-time augmentation in the artifact: each slice is scored with its "
+                        "left-right mirror and the two averaged (twice the inference work)")
     p.add_argument("--hu-augment", metavar="OPS",
                    help="augmentation in HU before windowing: all | none | comma list of "
                         "calibration,kernel,noise (default all with the scratch recipe)")
