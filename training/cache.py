@@ -190,11 +190,13 @@ class SliceCache:
 
     def batches(self, slices: Slices, batch_size: int, *, training: bool, seed: int = 0,
                 augment: float = 0.0, hu_augment=None, positive_fraction: float | None = None,
-                shard: tuple[int, int] = (1, 0), raw: bool = False, mixup: float = 0.0):
+                shard: tuple[int, int] = (1, 0), raw: bool = False, mixup: float = 0.0,
+                groups=None):
         """A tf.data pipeline over `slices` (rows of this cache).
 
         Training: reshuffled every epoch, repeated forever, full batches only, positive
-        oversampling as `training.data.dataset` does it, HU augmentation (a
+        oversampling as `training.data.dataset` does it (study-balanced with `groups`, the
+        study of each of `slices`), HU augmentation (a
         `training.data.HUAugment`) then windows then `mixup` (α; 0: off) then geometric
         augmentation; yields (images, labels). `raw`: yields (float16 HU, labels) and leaves augmentation and
         windows to the training step, on the accelerator (`training.data.DevicePreprocess`):
@@ -220,7 +222,8 @@ class SliceCache:
         count, index = shard
         positions = np.arange(len(rows))[index::count]
         ds = index_dataset(slices.labels[positions, -1] > 0.5, training, seed + index,
-                           positive_fraction).map(lambda i: tf.gather(positions, i))
+                           positive_fraction, None if groups is None else np.asarray(groups)[positions]
+                           ).map(lambda i: tf.gather(positions, i))
         if not training:
             return (ds.batch(batch_size)
                     .map(lambda p: (tf_windows(read(p)), p), num_parallel_calls=tf.data.AUTOTUNE)

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 
+#: How `--positive-fraction` draws its bleeding slices (training.data.index_dataset).
+POSITIVE_SAMPLING = ("slice", "study")
+
+
 class ConfigError(ValueError):
     """A configuration the run cannot start with; the message names the setting."""
 
@@ -58,6 +62,7 @@ class TrainConfig:
     bn_recalibrate: int = 0                  # batches of BN statistics recomputed before validation
     validate_from: int = 1                   # first epoch validated (and eligible as best)
     positive_fraction: float | None = None   # share of `any`-positive images per batch (None: natural)
+    positive_sampling: str = "slice"         # slice | study: each bleeding study drawn equally often
     # input pipeline and devices
     workers: int | None = None               # decoding processes (prepare) and threads; None = every core
     cache_dir: str | None = None             # the prepared cache of a DICOM folder (default data/cache/...)
@@ -116,6 +121,10 @@ class TrainConfig:
             raise ConfigError("--recall-confidence must be in [0, 1) (0: the expected-recall rank)")
         if self.positive_fraction is not None and not 0 < self.positive_fraction < 1:
             raise ConfigError("--positive-fraction must be in (0, 1)")
+        if self.positive_sampling not in POSITIVE_SAMPLING:
+            raise ConfigError(f"--positive-sampling must be one of {', '.join(POSITIVE_SAMPLING)}")
+        if self.positive_sampling == "study" and self.positive_fraction is None:
+            raise ConfigError("--positive-sampling study needs --positive-fraction F")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
             raise ConfigError("--bn-momentum must be in [0, 1)")
         if not 0 <= self.ema < 1:
@@ -248,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-fraction", type=float, metavar="F",
                    help="draw this share of training images from bleeding slices; predictions "
                         "are prior-corrected back to the data's prevalence (default: natural)")
+    p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING,
+                   help="how bleeding slices are drawn: slice (each alike, default) | study (each "
+                        "bleeding study alike: a 3-slice bleed as often as a 20-slice one)")
     p.add_argument("--loss", choices=("bce", "weighted"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="geometric batch augmentation: flip, rotation, shift, zoom (default on)")

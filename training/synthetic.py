@@ -87,7 +87,9 @@ class SyntheticSlice:
 @dataclass(frozen=True)
 class Site:
     """Where a dataset comes from: the ranges each study's patient, scanner and protocol are
-    drawn from, uniformly in [lo, hi] (a probability for the optional findings).
+    drawn from, uniformly in [lo, hi] (a probability for the optional findings), except that a
+    `faint_bleeds` share of studies draws its bleed densities from the faint FAINT_PART of
+    `bleed_shift` (near-isodense blood is what models miss, so training shows more of it).
 
     A model trained on one narrow generator learns that generator (issue 12: a phantom-trained
     model alerted on 15 of 15 normal studies of another generator). `randomised` spreads every
@@ -118,7 +120,12 @@ class Site:
     bleed_shift: tuple[float, float] = (0.0, 0.0)   # HU added to a bleed's 60-80 (SAH 56-70)
     bleed_scale: tuple[float, float] = (1.0, 1.0)   # x bleed thickness and blob size
     blood_clip: tuple[float, float] = (50.0, 90.0)  # blood HU after noise stays in this range
+    faint_bleeds: float = 0.0                       # share of studies with bleeds in FAINT_PART
 
+
+#: The faint end of a site's `bleed_shift` that `faint_bleeds` studies draw from: the lowest
+#: 40 % (randomised: -12 to -4 HU, bleeds 48-76 HU, SAH 44-66).
+FAINT_PART = 0.4
 
 #: Named sites. Training data default to `randomised`; `site-d` and `site-e` are for held-out
 #: validation only.
@@ -129,7 +136,8 @@ SITES: dict[str, Site] = {
         slice_mm=(2.5, 3.0, 5.0), noise_scale=(0.6, 1.6), noise_grain=(0.0, 1.2),
         kernel=(-0.8, 0.6), hu_offset=(-6.0, 6.0), cupping=(0.0, 10.0), streaks=(0.0, 25.0),
         motion=0.1, atrophy=(0.0, 1.0), calcification=0.35, dense_vessel=0.15,
-        bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0)),
+        bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0),
+        faint_bleeds=0.4),
     "site-d": Site(
         "site-d", head_scale=(1.12, 1.22), tilt=(-0.25, 0.25), fov_mm=(240.0, 280.0),
         slice_mm=(1.25, 2.0), noise_scale=(1.4, 2.0), noise_grain=(1.4, 2.2),
@@ -204,11 +212,15 @@ def _acquisition(seed: int, index: int, site: Site) -> _Acquisition:
     vessel_present = rng.random() < site.dense_vessel
     vessel = (int(rng.integers(0, 2)) * 2 - 1, _u(rng, -0.5, -0.4), _u(rng, 55, 70), _u(rng, 1.0, 1.6))
     shifts = (u(site.bleed_shift), u(site.bleed_shift))
+    bleed_scale = u(site.bleed_scale)
+    if rng.random() < site.faint_bleeds:   # drawn last, always: every draw above stays put
+        lo, hi = site.bleed_shift
+        shifts = tuple(lo + (s - lo) * FAINT_PART for s in shifts)
     return _Acquisition(
         site=site.name, **values, streaks=(amplitude, lines) if amplitude > 0 else (0.0, ()),
         motion=motion if moving else (0.0, 0.0, 0.0), atrophy=atrophy,
         calcifications=tuple(calcifications), vessel=vessel if vessel_present else (),
-        bleed_shift=shifts, bleed_scale=u(site.bleed_scale), blood_clip=tuple(site.blood_clip))
+        bleed_shift=shifts, bleed_scale=bleed_scale, blood_clip=tuple(site.blood_clip))
 
 
 # ----------------------------------------------------------------------------- seeds and ids

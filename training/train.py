@@ -276,9 +276,11 @@ class MyDeepModel:
             optimizer = keras.optimizers.Adam(self.learning_rate, **averaging)
         self.model.compile(optimizer=optimizer, loss=loss)
 
-    def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache):
+    def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache, groups=None):
         """Train on rows of a prepared `cache` with step decay and per-epoch validation;
-        returns the Keras History, whose model holds the best epoch's weights."""
+        returns the Keras History, whose model holds the best epoch's weights. `groups`: the
+        study of each training slice, to draw bleeding slices study-balanced (with
+        `positive_fraction`; `--positive-sampling study`)."""
         import keras
         from threadpoolctl import threadpool_limits
 
@@ -286,7 +288,7 @@ class MyDeepModel:
         self.cache = cache
         self.logit_shift = math.log(positive_odds_ratio(train_df, self.positive_fraction))
         self.init_output_bias(train_df.prevalence(), self.logit_shift)
-        self._train_df = train_df
+        self._train_df, self._train_groups = train_df, groups
         steps = self.steps_per_epoch or max(1, math.ceil(len(train_df) / self.global_batch))
         self.validation = validation_callback(self, valid_df)
         callbacks = [
@@ -360,7 +362,8 @@ class MyDeepModel:
         pipeline (worker), each reading its own share of the rows at the per-replica batch."""
         kwargs = {"training": True, "seed": self.seed, "augment": self.augment,
                   "hu_augment": self.hu_augment, "positive_fraction": self.positive_fraction,
-                  "raw": self.augment_on == "device", "mixup": self.mixup}
+                  "raw": self.augment_on == "device", "mixup": self.mixup,
+                  "groups": self._train_groups}
         if self.replicas == 1:
             return self.cache.batches(train_df, self.global_batch, **kwargs)
         return self.strategy.distribute_datasets_from_function(
@@ -696,7 +699,8 @@ def run(config: TrainConfig) -> Path | None:
         log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s, augmentation on %s",
                  config.epochs, deep.steps_per_epoch or math.ceil(len(train) / deep.global_batch),
                  deep.global_batch, deep.replicas, config.mixed_precision, deep.augment_on)
-        deep.fit_model(train, calib, cache)
+        deep.fit_model(train, calib, cache, headers.studies[train_idx]
+                       if config.positive_sampling == "study" else None)
     # Calibration chose the epoch; it now calibrates the probabilities and chooses the operating
     # point. Test chooses nothing.
     v = deep.validation

@@ -373,6 +373,34 @@ def test_positive_fraction_oversamples_bleeding_slices(cache):
     assert data.positive_odds_ratio(data.Slices(ts.ids, ts.paths, np.ones_like(labels)), 0.5) == 1.0
 
 
+def test_study_sampling_draws_each_bleeding_study_alike(cache):
+    """`--positive-sampling study`: a 1-slice bleed is drawn as often as a 9-slice one, and
+    bleeding slices keep their share of the batch (so the prior correction still holds)."""
+    ts = cache.slices
+    labels = np.zeros_like(ts.labels)
+    labels[:10, -1] = 1.0                   # study A: slice 0; study B: slices 1-9
+    labels[0, 0] = 1.0                      # marks study A's slice in the batches' labels
+    constructed = data.Slices(ts.ids, ts.paths, labels, ts.rows)
+    studies = np.array(["A"] + ["B"] * 9 + ["N"] * (len(ts) - 10))
+
+    def shares(groups):
+        y = np.concatenate([y.numpy() for _, y in cache.batches(
+            constructed, 8, training=True, seed=5, positive_fraction=0.5, groups=groups).take(60)])
+        return y[:, -1].mean(), y[:, 0].sum() / y[:, -1].sum()
+
+    bleeding, study_a = shares(studies)
+    assert bleeding == pytest.approx(0.5, abs=0.06) and study_a == pytest.approx(0.5, abs=0.08)
+    assert shares(None)[1] == pytest.approx(0.1, abs=0.05)          # per slice: 1 of 10
+    picks = data.study_balanced(np.arange(10), studies[:10], seed=1, draws=20_000)
+    assert np.mean(picks == 0) == pytest.approx(0.5, abs=0.02)
+    assert set(np.unique(picks)) == set(range(10))
+    np.testing.assert_array_equal(picks, data.study_balanced(np.arange(10), studies[:10], seed=1,
+                                                             draws=20_000))   # seeded
+    with pytest.raises(config.ConfigError, match="positive-fraction"):
+        config.load(["--data", "d", "--recipe", "reference", "--positive-sampling", "study"])
+    assert config.load(["--data", "d", "--positive-sampling", "study"]).positive_sampling == "study"
+
+
 def test_prior_correction_shifts_every_logit_back_and_can_be_made_permanent():
     deep = MyDeepModel(input_dims=(75, 75, 3), weights=None, verbose=0)
     deep.logit_shift = float(np.log(4.0))

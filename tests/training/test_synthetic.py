@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import re
@@ -338,6 +339,25 @@ def test_each_study_draws_inside_its_sites_ranges(name):
     share = np.mean([bool(d.calcifications) for d in draws])
     assert 1 - (1 - site.calcification) ** 4 - 0.1 < share < 1 - (1 - site.calcification) ** 4 + 0.1
     assert 0 < np.mean([bool(d.vessel) for d in draws]) < 0.5
+
+
+def test_faint_bleeds_draw_from_the_faint_end_and_leave_every_other_draw_alone():
+    """`faint_bleeds`: that share of studies takes its bleed densities from the faint FAINT_PART
+    of the range; nothing else a study draws moves, so held-out sites (share 0) are unchanged."""
+    site = synthetic.SITES["randomised"]
+    plain, every = (dataclasses.replace(site, faint_bleeds=share) for share in (0.0, 1.0))
+    lo, hi = site.bleed_shift
+    top = lo + synthetic.FAINT_PART * (hi - lo)
+    faint = 0
+    for i in range(300):
+        a, b, c = (synthetic._acquisition(17, i, s) for s in (plain, every, site))
+        assert (dataclasses.replace(a, bleed_shift=()) == dataclasses.replace(b, bleed_shift=())
+                == dataclasses.replace(c, bleed_shift=()))
+        assert all(lo <= x <= top for x in b.bleed_shift)
+        assert c.bleed_shift in (a.bleed_shift, b.bleed_shift)
+        faint += c.bleed_shift == b.bleed_shift != a.bleed_shift
+    assert site.faint_bleeds - 0.08 < faint / 300 < site.faint_bleeds + 0.08
+    assert all(synthetic.SITES[name].faint_bleeds == 0 for name in ("legacy", "site-d", "site-e"))
 
 
 @pytest.mark.parametrize("name,axes", [("site-d", ("noise_grain", "kernel", "head_scale")),

@@ -193,12 +193,14 @@ def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path,
     code = main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
                  "--steps-per-epoch", "1", "--verbose", "0", "--seed", "4", "--out", str(out),
                  "--version", "nosignal-1", "--promote",
-                 "--flip-average"])   # calibrated, judged and exported as the mirror-averaging graph
+                 "--flip-average",    # calibrated, judged and exported as the mirror-averaging graph
+                 "--positive-sampling", "study"])   # the split's studies reach the sampler
     assert code == 3 and "learned nothing" in capsys.readouterr().err
     assert not (out / "current").exists()
     card = ModelCard.read(out / "nosignal-1")
     assert card.status == "failed" and not card.verdict["passed"] and card.verdict["reasons"]
-    assert json.loads((out / "nosignal-1" / "config.json").read_text())["recipe"] == "scratch"
+    resolved = json.loads((out / "nosignal-1" / "config.json").read_text())
+    assert (resolved["recipe"], resolved["positive_sampling"]) == ("scratch", "study")
     model, _ = load_artifact(out / "nosignal-1")      # --flip-average: slice and mirror alike
     x = np.random.default_rng(1).random((2, 75, 75, 3), np.float32)
     np.testing.assert_allclose(np.asarray(model(x[:, :, ::-1].copy(), training=False)),
