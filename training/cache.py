@@ -195,8 +195,8 @@ class SliceCache:
         """A tf.data pipeline over `slices` (rows of this cache).
 
         Training: reshuffled every epoch, repeated forever, full batches only, positive
-        oversampling as `training.data.dataset` does it (study-balanced with `groups`, the
-        study of each of `slices`), HU augmentation (a
+        oversampling as `training.data.dataset` does it, or study-balanced with `groups` (the
+        study of each of `slices`; one input pipeline only), HU augmentation (a
         `training.data.HUAugment`) then windows then `mixup` (α; 0: off) then geometric
         augmentation; yields (images, labels). `raw`: yields (float16 HU, labels) and leaves augmentation and
         windows to the training step, on the accelerator (`training.data.DevicePreprocess`):
@@ -220,6 +220,9 @@ class SliceCache:
             return tf.cast(hu, dtype)
 
         count, index = shard
+        if groups is not None and (len(groups) != len(slices) or count > 1):
+            # sharding by row stride would balance each shard over the studies it happens to hold
+            raise ValueError("groups must give the study of each of the slices, on one input pipeline")
         positions = np.arange(len(rows))[index::count]
         ds = index_dataset(slices.labels[positions, -1] > 0.5, training, seed + index,
                            positive_fraction, None if groups is None else np.asarray(groups)[positions]

@@ -122,7 +122,8 @@ class TrainConfig:
         if self.positive_fraction is not None and not 0 < self.positive_fraction < 1:
             raise ConfigError("--positive-fraction must be in (0, 1)")
         if self.positive_sampling not in POSITIVE_SAMPLING:
-            raise ConfigError(f"--positive-sampling must be one of {', '.join(POSITIVE_SAMPLING)}")
+            raise ConfigError(f"--positive-sampling must be one of {', '.join(POSITIVE_SAMPLING)}, "
+                              f"not {self.positive_sampling!r}")
         if self.positive_sampling == "study" and self.positive_fraction is None:
             raise ConfigError("--positive-sampling study needs --positive-fraction F")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:

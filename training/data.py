@@ -468,8 +468,9 @@ def positive_odds_ratio(slices: Slices, positive_fraction: float | None) -> floa
     return positive_fraction * (len(slices) - positives) / ((1 - positive_fraction) * positives)
 
 
-#: Positive positions drawn ahead for study-balanced sampling before the stream repeats
-#: (the 800-study recipe draws about 13,000 positives in all).
+#: Positive positions drawn ahead for study-balanced sampling before the stream repeats in
+#: the same order (the 800-study recipe draws about 13,000 positives in all; a full RSNA run
+#: would cycle it a few times).
 BALANCED_DRAWS = 1 << 17
 
 

@@ -276,7 +276,8 @@ class MyDeepModel:
             optimizer = keras.optimizers.Adam(self.learning_rate, **averaging)
         self.model.compile(optimizer=optimizer, loss=loss)
 
-    def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache, groups=None):
+    def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache,
+                  groups: np.ndarray | None = None):
         """Train on rows of a prepared `cache` with step decay and per-epoch validation;
         returns the Keras History, whose model holds the best epoch's weights. `groups`: the
         study of each training slice, to draw bleeding slices study-balanced (with
@@ -395,7 +396,9 @@ class MyDeepModel:
         """The output biases minus the sampler's log odds ratio, for inference on data with the
         population's priors (King & Zeng's prior correction). Exact for `any`, on which the
         sampler draws; for a subtype exact wherever the slice has no other bleed, the common
-        case. Restored on exit, so training continues from its own biases."""
+        case. With `--positive-sampling study` a bleeding slice's weight also depends on its
+        study's size, so the correction holds on average; Platt scaling on calibration absorbs
+        the rest. Restored on exit, so training continues from its own biases."""
         shift = self.logit_shift
         self._add_to_output_bias(-shift)
         try:
@@ -591,12 +594,17 @@ def prepare_data(config: TrainConfig) -> tuple[SliceCache, dict]:
         folder, card = Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
     else:
         lo, hi = config.synthetic_slices
+        from training.synthetic import site_named
+
+        faint = site_named(config.synthetic_site).faint_bleeds   # a folder per generator version
         folder = Path(config.synthetic_dir or f"data/synthetic/seed{config.seed}-studies"
-                      f"{config.synthetic_studies}-slices{lo}-{hi}-{config.synthetic_site}")
+                      f"{config.synthetic_studies}-slices{lo}-{hi}-{config.synthetic_site}"
+                      + (f"-faint{faint:g}" if faint else ""))
         _phantoms(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
                   config.workers)
         card = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
-                "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site}
+                "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site,
+                "faint_bleeds": faint}
     cache = prepare(folder, cache_dir(config, folder), config.input_size, config.workers)
     return cache, {**card, "cache": str(cache.root)}
 

@@ -396,6 +396,9 @@ def test_study_sampling_draws_each_bleeding_study_alike(cache):
     assert set(np.unique(picks)) == set(range(10))
     np.testing.assert_array_equal(picks, data.study_balanced(np.arange(10), studies[:10], seed=1,
                                                              draws=20_000))   # seeded
+    for bad in ({"groups": studies[:-1]}, {"groups": studies, "shard": (2, 0)}):
+        with pytest.raises(ValueError, match="study of each"):   # shards would balance apart
+            cache.batches(constructed, 8, training=True, positive_fraction=0.5, **bad)
     with pytest.raises(config.ConfigError, match="positive-fraction"):
         config.load(["--data", "d", "--recipe", "reference", "--positive-sampling", "study"])
     assert config.load(["--data", "d", "--positive-sampling", "study"]).positive_sampling == "study"

@@ -12,7 +12,7 @@ import pytest
 
 from ich.labels import LABELS
 from ich.model import ModelCard, load_artifact
-from training import synthetic
+from training import data as training_data, synthetic
 from training.__main__ import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -59,6 +59,7 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
         assert {"log_loss", "auc", "threshold", "recall", "precision", "specificity"} <= set(m["per_label"][label])
         assert m["per_label"][label]["threshold"] == card.slice_thresholds[label]
     assert m["split"] == "test" and m["study"]["studies"] == card.data["studies"]["test"]
+    assert (card.data["site"], card.data["faint_bleeds"]) == ("randomised", 0.4)   # the generator's version
     calibration = m["calibration"]["study"]
     if calibration["positive_studies"]:   # target study recall 0.95, chosen on calibration
         assert calibration["recall"] >= 0.95 and len(m["calibration"]["rules"]) == 5
@@ -176,7 +177,7 @@ def test_evaluate_cli_prints_metrics_json(run, tmp_path):
     assert f"verdict on {site}" in proc.stderr
 
 
-def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path, capsys):
+def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path, capsys, monkeypatch):
     """Labels that carry no signal (drawn at random, whatever the image): the command must exit
     non-zero, keep the artifact marked failed, and leave `current` alone; evaluate says so too."""
     data = tmp_path / "nosignal"
@@ -190,6 +191,10 @@ def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path,
             rows += [f"{image}_{label},{bleed if label in ('any', 'subdural') else 0}" for label in LABELS]
     (data / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "models"
+    balanced = []                    # --positive-sampling study: what reaches the sampler
+    draw = training_data.study_balanced
+    monkeypatch.setattr(training_data, "study_balanced",
+                        lambda rows, groups, seed, **kw: balanced.append(groups) or draw(rows, groups, seed, **kw))
     code = main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
                  "--steps-per-epoch", "1", "--verbose", "0", "--seed", "4", "--out", str(out),
                  "--version", "nosignal-1", "--promote",
@@ -199,6 +204,9 @@ def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path,
     assert not (out / "current").exists()
     card = ModelCard.read(out / "nosignal-1")
     assert card.status == "failed" and not card.verdict["passed"] and card.verdict["reasons"]
+    # the sampler got the studies of the bleeding training rows: the training split's, not all
+    everyone = set(training_data.slice_headers(training_data.read_trainset(data).paths).studies)
+    assert len(balanced) == 1 and 2 <= len(set(balanced[0])) and set(balanced[0]) < everyone
     resolved = json.loads((out / "nosignal-1" / "config.json").read_text())
     assert (resolved["recipe"], resolved["positive_sampling"]) == ("scratch", "study")
     model, _ = load_artifact(out / "nosignal-1")      # --flip-average: slice and mirror alike
