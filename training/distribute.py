@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "mirrored", "multi-worker", "none")
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+#: CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic that oneDNN uses: AMX
+#: (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). Without them bf16 is
+#: emulated and slower than float32.
+CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def cluster_workers() -> int:
@@ -74,6 +78,34 @@ def is_chief(strategy) -> bool:
         return True
     return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
                                              and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not there or unreadable)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(name: str, gpus=None, flags: frozenset[str] | None = None) -> str:
+    """`auto` → `bf16` where every device computes bfloat16 natively (GPUs of compute capability
+    8.0 or newer; without a GPU, a CPU with CPU_BF16_FLAGS), else `none`; any other name as is.
+    `gpus` (compute capabilities) and `flags` default to this machine's."""
+    if name != "auto":
+        return name
+    if gpus is None:
+        import tensorflow as tf
+
+        gpus = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
+                for g in tf.config.list_physical_devices("GPU")]
+    if gpus:
+        return "bf16" if all(tuple(c) >= (8, 0) for c in gpus) else "none"
+    return "bf16" if CPU_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "none"
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from training.cache import SliceCache, is_cache
 from training.config import TrainConfig, steps_per_epoch
 from training.data import (DataError, Decoder, DevicePreprocess, Slices, dataset, hu_augment,
                            positive_odds_ratio, read_trainset, slice_headers, split)
-from training.distribute import is_chief, make_strategy, precision, strategy_name
+from training.distribute import is_chief, make_strategy, precision, resolve_precision, strategy_name
 from training.studies import StudySet
 
 log = logging.getLogger(__name__)
@@ -675,6 +675,7 @@ def run(config: TrainConfig) -> Path | None:
     started = time.perf_counter()
     strategy = make_strategy(config.strategy)         # before any other TensorFlow work
     version = config.version = config.version or default_version(config.engine)
+    config.mixed_precision = resolve_precision(config.mixed_precision)   # recorded resolved
     run_dir = Path(config.resume) if config.resume else Path(config.out) / "runs" / version
     if (Path(config.out) / version).exists():
         raise FileExistsError(f"{Path(config.out) / version} exists: choose another --version")

@@ -311,7 +311,7 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     for source in (["--data", "d"], ["--synthetic-studies", "90"]):
         c = config.load(source)
         assert c.recipe == "scratch" and (c.input_size, c.learning_rate, c.bn_momentum, c.ema,
-                                          c.positive_fraction, c.steps_per_epoch) == (128, 1e-3, 0.9, 0.99, 0.3, 0)
+                                          c.positive_fraction, c.steps_per_epoch) == (160, 1e-3, 0.9, 0.99, 0.3, 0)
         assert (c.split, c.target_recall, c.study_rule) == ("study", 0.95, "auto")   # study recall
         assert c.recall_confidence == 0.0            # on average (0.9 was measured: an option)
         assert (c.flip_average, c.mixup, c.weight_decay, c.augment_scale) == (False, 0.0, 0.0, 1.0)   # measured: no gain
@@ -326,7 +326,8 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     assert config.steps_per_epoch(auto, 451_000) == math.ceil(3 * 451_000 / (32 * 7))
     assert config.steps_per_epoch(real, 1_440) is None
     assert config.steps_per_epoch(auto, 451_000, replicas=8) == math.ceil(3 * 451_000 / (32 * 8 * 7))
-    assert (auto.strategy, auto.mixed_precision, auto.workers, auto.resume) == ("auto", "none", None, None)
+    assert (auto.strategy, auto.mixed_precision, auto.workers, auto.resume) == ("auto", "auto", None, None)
+    assert real.mixed_precision == "none"
 
     toml = tmp_path / "run.toml"
     toml.write_text('data = "x"\nbatch-size = 8\nepochs = 5\nsplit = "study"\n')

@@ -182,3 +182,22 @@ def test_mixed_precision_computes_in_bf16_and_exports_a_float32_model():
     assert weights_digest(exported) == weights_digest(deep.model)
     mixed, full = np.asarray(deep.model(x, training=False)), np.asarray(exported(x, training=False))
     assert mixed.dtype == full.dtype == np.float32 and np.abs(mixed - full).max() < 0.05
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(tmp_path):
+    """--mixed-precision auto (the scratch recipe's): bf16 on GPUs from Ampere (8.0) and, with no
+    GPU, on CPUs with AMX or AVX512-BF16, where it is faster; float32 where bf16 would be
+    emulated (older GPUs, AVX2 CPUs). Explicit names pass through."""
+    from training.distribute import cpu_flags, resolve_precision
+
+    assert resolve_precision("auto", gpus=[(8, 0), (9, 0)]) == "bf16"
+    assert resolve_precision("auto", gpus=[(8, 0), (7, 5)]) == "none"     # a V100/T4 in the node
+    assert resolve_precision("auto", gpus=[], flags=frozenset({"avx2", "amx_bf16"})) == "bf16"
+    assert resolve_precision("auto", gpus=[], flags=frozenset({"avx512f", "avx512_bf16"})) == "bf16"
+    assert resolve_precision("auto", gpus=[], flags=frozenset({"avx2", "avx512f"})) == "none"
+    assert resolve_precision("fp16", gpus=[]) == "fp16" and resolve_precision("none", gpus=[(9, 0)]) == "none"
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(str(tmp_path / "absent")) == frozenset()
+    assert resolve_precision("auto") in ("bf16", "none")                  # this machine, either way

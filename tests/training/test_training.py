@@ -59,7 +59,8 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
         assert {"log_loss", "auc", "threshold", "recall", "precision", "specificity"} <= set(m["per_label"][label])
         assert m["per_label"][label]["threshold"] == card.slice_thresholds[label]
     assert m["split"] == "test" and m["study"]["studies"] == card.data["studies"]["test"]
-    assert (card.data["site"], card.data["faint_bleeds"]) == ("randomised", 0.4)   # the generator's version
+    assert card.data["site"] == "randomised"   # and the generator's version, which names the folder
+    assert card.data["faint_bleeds"] == synthetic.SITES["randomised"].faint_bleeds > 0
     calibration = m["calibration"]["study"]
     if calibration["positive_studies"]:   # target study recall 0.95, chosen on calibration
         assert calibration["recall"] >= 0.95 and len(m["calibration"]["rules"]) == 5
