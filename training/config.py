@@ -171,7 +171,7 @@ class TrainConfig:
 SCRATCH_RECIPE: dict[str, Any] = {
     "split": "study",            # validation on unseen heads
     "input_size": 160,           # 128 (4 × 4 of a 512² slice) missed near-isodense bleeds
-    "mixed_precision": "auto",   # bf16 where native (AMX, AVX512-BF16, Ampere): 160² in 128²'s time
+    "mixed_precision": "auto",   # bf16 where native (AMX, AVX512-BF16, Ampere): 160² near 128²'s float32 cost
     "learning_rate": 1e-3,       # batch 32: 10.6 images/s on 2 cores, batch 16: 9.3
     "epochs": 7,
     "steps_per_epoch": 0,        # auto: >= 60, about three passes over the training images in all
