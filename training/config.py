@@ -211,6 +211,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def parser() -> argparse.ArgumentParser:
     """The flags of DESIGN §3 plus the knobs the recipes need; unset flags stay unset so a
     config file can supply them."""
+    from training.distribute import PRECISIONS
+
     p = argparse.ArgumentParser(
         prog="python -m training", argument_default=argparse.SUPPRESS,
         description="Train, evaluate, choose thresholds and export an ICH model artifact.")
@@ -282,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="decoding processes (default: every core)")
     p.add_argument("--strategy", help="auto (multi-worker from TF_CONFIG, else every GPU, else "
                    "one device) | mirrored | multi-worker | none")
-    p.add_argument("--mixed-precision", choices=("none", "bf16", "fp16", "auto"),
+    p.add_argument("--mixed-precision", choices=(*PRECISIONS, "auto"),
                    help="mixed precision (bf16: Ampere or newer GPUs, TPUs, CPUs with AMX or "
                         "AVX512-BF16; auto: bf16 where the hardware has it, else none; the "
                         "scratch recipe's default); the artifact is float32")
