@@ -28,6 +28,10 @@ PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float1
 #: (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). Without them bf16 is
 #: emulated and slower than float32.
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+#: `--jit-compile` settings; `auto` compiles a float32 step on a CPU with XLA once a run has this
+#: many steps: XLA's compile costs 12-25 s more than TensorFlow's graph and saves 12-17 % of
+#: each InceptionV3 step at 128-160² (bench/bench_training_step.py), repaid within ~150 steps.
+JIT_SETTINGS, XLA_MIN_STEPS = ("auto", "on", "off"), 300
 
 
 def cluster_workers() -> int:
@@ -106,6 +110,22 @@ def resolve_precision(name: str, gpus=None, flags: frozenset[str] | None = None)
     if gpus:
         return "bf16" if all(tuple(c) >= (8, 0) for c in gpus) else "none"
     return "bf16" if CPU_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "none"
+
+
+def resolve_jit(name: str, precision: str, steps: int, gpus=None) -> str:
+    """`--jit-compile auto` → `on` (XLA) for a float32 run of at least XLA_MIN_STEPS on a CPU,
+    else `off`; with a GPU, `auto` stays `auto`: Keras' own choice (XLA where every layer
+    supports it). Not on the CPU in bf16: oneDNN's AMX kernels are what made bf16 fast there,
+    and XLA's CPU code generation has not been measured against them. `on`/`off` as named."""
+    if name != "auto":
+        return name
+    if gpus is None:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return "auto"
+    return "on" if precision == "none" and steps >= XLA_MIN_STEPS else "off"
 
 
 @contextlib.contextmanager

@@ -37,7 +37,8 @@ from training.cache import SliceCache, is_cache
 from training.config import TrainConfig, steps_per_epoch
 from training.data import (DataError, Decoder, DevicePreprocess, Slices, dataset, hu_augment,
                            positive_odds_ratio, read_trainset, slice_headers, split)
-from training.distribute import is_chief, make_strategy, precision, resolve_precision, strategy_name
+from training.distribute import (is_chief, make_strategy, precision, resolve_jit, resolve_precision,
+                                 strategy_name)
 from training.studies import StudySet
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class MyDeepModel:
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
                  run_dir=None, augment_on="host", ema=0.0, weight_decay=0.0, mixup=0.0,
-                 flip_average=False):
+                 flip_average=False, jit_compile="auto"):
         import tensorflow as tf
 
         from ich.model import build_model
@@ -248,6 +249,7 @@ class MyDeepModel:
         self.logit_shift = 0.0     # log odds ratio of the training sampler (0: natural sampling)
         self.workers, self.seed = workers, seed
         self.hu_augment = hu_augment       # a training.data.HUAugment, or None
+        self.jit_compile = jit_compile     # on | off | auto (Keras decides); training.distribute.resolve_jit
         self.augment_on = augment_on       # "host" (tf.data) or "device" (the training step)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.chief = is_chief(self.strategy)
@@ -274,7 +276,8 @@ class MyDeepModel:
             optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         else:
             optimizer = keras.optimizers.Adam(self.learning_rate, **averaging)
-        self.model.compile(optimizer=optimizer, loss=loss)
+        jit = {"on": True, "off": False}.get(self.jit_compile, "auto")
+        self.model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
 
     def fit_model(self, train_df: Slices, valid_df: Slices, cache: SliceCache,
                   groups: np.ndarray | None = None):
@@ -692,6 +695,10 @@ def run(config: TrainConfig) -> Path | None:
     log.info("split %s: %d training, %d calibration, %d test images", config.split, len(train),
              len(calib), len(test))
 
+    replicas = strategy.num_replicas_in_sync
+    steps = (steps_per_epoch(config, len(train), replicas)
+             or math.ceil(len(train) / (config.batch_size * replicas)))
+    config.jit_compile = resolve_jit(config.jit_compile, config.mixed_precision, steps * config.epochs)
     with precision(config.mixed_precision):
         deep = MyDeepModel(
             engine=config.engine, input_dims=(config.input_size, config.input_size, 3),
@@ -700,14 +707,15 @@ def run(config: TrainConfig) -> Path | None:
             weights=config.weights, verbose=config.verbose, bn_momentum=config.bn_momentum,
             ema=config.ema, weight_decay=config.weight_decay, mixup=config.mixup,
             flip_average=config.flip_average,
-            loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train), strategy.num_replicas_in_sync),
+            loss=config.loss, steps_per_epoch=steps_per_epoch(config, len(train), replicas),
             augment=config.augment and config.augment_scale, bn_recalibrate=config.bn_recalibrate,
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,
             workers=config.workers, seed=config.seed, hu_augment=hu_augment(config.hu_augment),
-            strategy=strategy, run_dir=run_dir, augment_on=augment_on(config.augment_on))
-        log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s, augmentation on %s",
-                 config.epochs, deep.steps_per_epoch or math.ceil(len(train) / deep.global_batch),
-                 deep.global_batch, deep.replicas, config.mixed_precision, deep.augment_on)
+            strategy=strategy, run_dir=run_dir, augment_on=augment_on(config.augment_on),
+            jit_compile=config.jit_compile)
+        log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s, XLA %s, augmentation on %s",
+                 config.epochs, steps, deep.global_batch, deep.replicas, config.mixed_precision,
+                 config.jit_compile, deep.augment_on)
         deep.fit_model(train, calib, cache, headers.studies[train_idx]
                        if config.positive_sampling == "study" else None)
     # Calibration chose the epoch; it now calibrates the probabilities and chooses the operating
@@ -776,7 +784,8 @@ def run(config: TrainConfig) -> Path | None:
               "train_prevalence": dict(zip(LABELS, map(float, train.prevalence())))},
         training={"strategy": strategy_name(strategy), "replicas": deep.replicas,
                   "global_batch": deep.global_batch, "learning_rate": deep.learning_rate,
-                  "mixed_precision": config.mixed_precision, "run_dir": str(run_dir)},
+                  "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile,
+                  "run_dir": str(run_dir)},
         notes=_notes(config, rule),
         status="ok" if quality["passed"] else "failed", verdict=quality)
     if not is_chief(strategy):     # the chief writes and judges the artifact, maybe not yet

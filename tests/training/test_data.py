@@ -326,7 +326,8 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     assert config.steps_per_epoch(auto, 451_000) == math.ceil(3 * 451_000 / (32 * 7))
     assert config.steps_per_epoch(real, 1_440) is None
     assert config.steps_per_epoch(auto, 451_000, replicas=8) == math.ceil(3 * 451_000 / (32 * 8 * 7))
-    assert (auto.strategy, auto.mixed_precision, auto.workers, auto.resume) == ("auto", "auto", None, None)
+    assert (auto.strategy, auto.mixed_precision, auto.workers, auto.resume, auto.jit_compile) == (
+        "auto", "auto", None, None, "auto")
     assert real.mixed_precision == "none"
 
     toml = tmp_path / "run.toml"

@@ -202,3 +202,19 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(tmp_path):
     assert cpu_flags(str(tmp_path / "absent")) == frozenset()
     # this machine (no GPU here): what its own /proc/cpuinfo flags decide
     assert resolve_precision("auto") == resolve_precision("auto", gpus=[], flags=cpu_flags())
+
+
+def test_auto_jit_compile_is_xla_for_long_float32_runs_on_a_cpu():
+    """--jit-compile auto: XLA where measured faster (float32 on a CPU) and where its longer
+    compile is repaid (XLA_MIN_STEPS); Keras' own choice on a GPU; bf16 on a CPU keeps oneDNN."""
+    from training.distribute import XLA_MIN_STEPS, resolve_jit
+    from training.train import MyDeepModel
+
+    assert resolve_jit("auto", "none", XLA_MIN_STEPS, gpus=[]) == "on"
+    assert resolve_jit("auto", "none", XLA_MIN_STEPS - 1, gpus=[]) == "off"    # tests, smoke runs
+    assert resolve_jit("auto", "bf16", 10 * XLA_MIN_STEPS, gpus=[]) == "off"
+    assert resolve_jit("auto", "none", 10, gpus=["GPU:0"]) == "auto"
+    assert resolve_jit("on", "bf16", 1, gpus=[]) == "on" and resolve_jit("off", "none", 10**6) == "off"
+    compiled = {name: MyDeepModel(input_dims=(75, 75, 3), batch_size=2, verbose=0, jit_compile=name
+                                  ).model.jit_compile for name in ("on", "off")}
+    assert compiled == {"on": True, "off": False}

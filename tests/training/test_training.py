@@ -31,7 +31,8 @@ def run(tmp_path_factory):
     argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
             "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
             "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3", "--site-studies", "3", "--context",
-            "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed"]
+            "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed",
+            "--jit-compile", "on"]   # the whole run under XLA (auto would leave 2 steps without it)
     assert main(argv) == 0   # two steps learn nothing: --allow-failed exports and promotes it
     return {"root": root, "phantoms": phantoms, "broken": broken.stem,
             "artifact": root / "models" / "tiny-1"}
@@ -135,6 +136,7 @@ def test_resolved_config_history_and_plots_are_saved(run):
     assert [r["epoch"] for r in rows] == ["0"] and float(rows[0]["loss"]) == pytest.approx(history["loss"][0])
     card = ModelCard.read(folder)
     assert card.training["replicas"] == 1 and card.training["global_batch"] == 8
+    assert resolved["jit_compile"] == card.training["jit_compile"] == "on"
     run_dir = run["root"] / "models" / "runs" / "tiny-1"
     assert json.loads((run_dir / "config.json").read_text())["version"] == "tiny-1"
     assert not (run_dir / "checkpoint").exists() and not (run_dir / "best.weights.npz").exists()
