@@ -434,7 +434,7 @@ class DevicePreprocess:
 
     def __init__(self, seed: int, hu_augment: "HUAugment | None", augment: float, size: int,
                  mixup: float = 0.0) -> None:
-        self.seed, self.hu_augment, self.mixup = seed, hu_augment, mixup
+        self.seed, self.hu_augment, self.mixup, self.size = seed, hu_augment, mixup, size
         self.layer = augmenter(seed, augment) if augment else None
         if self.layer is not None:
             self.layer.build((None, size, size, 3))   # its variables now, not while tracing
@@ -457,6 +457,22 @@ class DevicePreprocess:
         if self.layer is not None:
             images = self.layer(images, training=True)
         return images if labels is None else (images, labels)
+
+    def xla_compiles(self) -> bool:
+        """Whether XLA compiles these ops on the default device, tried on a 2-slice batch.
+        The geometric layers lower to ImageProjectiveTransformV3 and mixup to a gamma draw,
+        neither of which has an XLA kernel in TensorFlow 2.21 (tensorflow#100865); a step
+        that holds them fails at its first trace when compiled with XLA, which Keras'
+        `jit_compile="auto"` does on any GPU."""
+        import tensorflow as tf
+
+        step = tf.function(lambda hu, labels: self(hu, 0, labels), jit_compile=True)
+        try:
+            step(tf.zeros((2, self.size, self.size), tf.float16), tf.zeros((2, 6)))
+        except tf.errors.InvalidArgumentError as exc:   # "tf2xla conversion failed ..."
+            log.info("XLA cannot compile the device augmentation: %s", str(exc).splitlines()[0][:200])
+            return False
+        return True
 
 
 def positive_odds_ratio(slices: Slices, positive_fraction: float | None) -> float:

@@ -34,7 +34,7 @@ import numpy as np
 from ich.labels import LABELS, WEIGHT_VECTOR
 from training import context, evaluate, studies
 from training.cache import SliceCache, is_cache
-from training.config import TrainConfig, steps_per_epoch
+from training.config import ConfigError, TrainConfig, steps_per_epoch
 from training.data import (DataError, Decoder, DevicePreprocess, Slices, dataset, hu_augment,
                            positive_odds_ratio, read_trainset, slice_headers, split)
 from training.distribute import (is_chief, make_strategy, precision, resolve_jit, resolve_precision,
@@ -580,6 +580,22 @@ def augment_on(setting: str) -> str:
     return "device" if tf.config.list_physical_devices("GPU") else "host"
 
 
+def device_step_jit(config: TrainConfig, placement: str) -> str:
+    """`config.jit_compile`, or `off` where the training step holds augmentation XLA cannot
+    compile (`--augment-on device`: `DevicePreprocess.xla_compiles`); an explicit `on` is then
+    refused before any data is prepared, rather than failing at the first step's trace."""
+    if placement != "device" or config.jit_compile == "off" or DevicePreprocess(
+            config.seed, hu_augment(config.hu_augment), config.augment and config.augment_scale,
+            config.input_size, config.mixup).xla_compiles():
+        return config.jit_compile
+    if config.jit_compile == "on":
+        raise ConfigError("--jit-compile on: XLA cannot compile this run's augmentation in the "
+                          "training step (--augment-on device: geometric augmentation and mixup "
+                          "have no XLA kernels here); use --augment-on host or --jit-compile off")
+    log.info("XLA off: this run's augmentation in the training step has no XLA kernels")
+    return "off"
+
+
 def default_version(engine: str) -> str:
     return f"ich-{engine.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
@@ -679,6 +695,8 @@ def run(config: TrainConfig) -> Path | None:
     strategy = make_strategy(config.strategy)         # before any other TensorFlow work
     version = config.version = config.version or default_version(config.engine)
     config.mixed_precision = resolve_precision(config.mixed_precision)   # recorded resolved
+    placement = augment_on(config.augment_on)
+    config.jit_compile = device_step_jit(config, placement)
     run_dir = Path(config.resume) if config.resume else Path(config.out) / "runs" / version
     if (Path(config.out) / version).exists():
         raise FileExistsError(f"{Path(config.out) / version} exists: choose another --version")
@@ -711,8 +729,7 @@ def run(config: TrainConfig) -> Path | None:
             augment=config.augment and config.augment_scale, bn_recalibrate=config.bn_recalibrate,
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,
             workers=config.workers, seed=config.seed, hu_augment=hu_augment(config.hu_augment),
-            strategy=strategy, run_dir=run_dir, augment_on=augment_on(config.augment_on),
-            jit_compile=config.jit_compile)
+            strategy=strategy, run_dir=run_dir, augment_on=placement, jit_compile=config.jit_compile)
         log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s, XLA %s, augmentation on %s",
                  config.epochs, steps, deep.global_batch, deep.replicas, config.mixed_precision,
                  config.jit_compile, deep.augment_on)

@@ -218,3 +218,28 @@ def test_auto_jit_compile_is_xla_for_long_float32_runs_on_a_cpu():
     compiled = {name: MyDeepModel(input_dims=(75, 75, 3), batch_size=2, verbose=0, jit_compile=name
                                   ).model.jit_compile for name in ("on", "off")}
     assert compiled == {"on": True, "off": False}
+
+
+def test_augmentation_in_the_training_step_is_not_compiled_with_xla_where_it_cannot_be(tmp_path, capsys):
+    """--augment-on device (the default with a GPU) puts the geometric layers
+    (ImageProjectiveTransformV3) and mixup (a gamma draw) in the training step; XLA has no
+    kernels for them in this TensorFlow (tensorflow#100865), and Keras' jit_compile="auto"
+    turns XLA on with any GPU: the step failed at its first trace. Such a step now trains
+    without XLA, and an explicit --jit-compile on is refused before any data is made."""
+    from training import config
+    from training.__main__ import main
+    from training.data import DevicePreprocess, HUAugment
+    from training.train import device_step_jit
+
+    assert DevicePreprocess(1, HUAugment(), 0.0, 75).xla_compiles()          # HU ops, windows
+    assert not DevicePreprocess(1, None, 1.0, 75).xla_compiles()             # geometric layers
+    assert not DevicePreprocess(1, None, 0.0, 75, mixup=0.4).xla_compiles()
+    device = ["--synthetic-studies", "2", "--augment-on", "device"]
+    assert device_step_jit(config.load(device), "device") == "off"            # auto: without XLA
+    assert device_step_jit(config.load([*device, "--no-augment"]), "device") == "auto"
+    assert device_step_jit(config.load([*device, "--jit-compile", "on"]), "host") == "on"
+    argv = [*device, "--jit-compile", "on", "--synthetic-dir", str(tmp_path / "phantoms"),
+            "--out", str(tmp_path / "models")]
+    assert main(argv) == 2
+    assert "XLA cannot compile this run's augmentation" in capsys.readouterr().err
+    assert not (tmp_path / "phantoms").exists()                             # refused first
