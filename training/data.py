@@ -468,7 +468,7 @@ class DevicePreprocess:
 
         step = tf.function(lambda hu, labels: self(hu, 0, labels), jit_compile=True)
         try:
-            step(tf.zeros((2, self.size, self.size), tf.float16), tf.zeros((2, 6)))
+            step(tf.zeros((2, self.size, self.size), tf.float16), tf.zeros((2, len(LABELS))))
         except tf.errors.InvalidArgumentError as exc:   # "tf2xla conversion failed ..."
             log.info("XLA cannot compile the device augmentation: %s", str(exc).splitlines()[0][:200])
             return False
