@@ -297,8 +297,8 @@ def parser() -> argparse.ArgumentParser:
                         "accelerator; the CPU only reads the cache); auto: device when a GPU is visible")
     p.add_argument("--jit-compile", choices=JIT_SETTINGS,
                    help="compile the training step with XLA (on/off); auto: on for float32 runs "
-                        f"of {XLA_MIN_STEPS} steps or more on a CPU (14-17 %% faster per step at "
-                        "128-160², about 12 s more to compile), Keras' own choice on a GPU")
+                        f"of {XLA_MIN_STEPS} steps or more on a CPU without AVX-512 (14-17 %% "
+                        "faster per step there, 36 %% slower with AVX-512), Keras' own choice on a GPU")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its folder (<out>/runs/<version>): its "
                         "config.json, checkpoint and best epoch; flags given override the config")

@@ -112,11 +112,14 @@ def resolve_precision(name: str, gpus=None, flags: frozenset[str] | None = None)
     return "bf16" if CPU_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "none"
 
 
-def resolve_jit(name: str, precision: str, steps: int, gpus=None) -> str:
-    """`--jit-compile auto` → `on` (XLA) for a float32 run of at least XLA_MIN_STEPS on a CPU,
-    else `off`; with a GPU, `auto` stays `auto`: Keras' own choice (XLA where every layer
-    supports it). Not on the CPU in bf16: oneDNN's AMX kernels are what made bf16 fast there,
-    and XLA's CPU code generation has not been measured against them. `on`/`off` as named."""
+def resolve_jit(name: str, precision: str, steps: int, gpus=None,
+                flags: frozenset[str] | None = None) -> str:
+    """`--jit-compile auto` → `on` (XLA) for a float32 run of at least XLA_MIN_STEPS on a CPU
+    without AVX-512, else `off`; with a GPU, `auto` stays `auto`: Keras' own choice (XLA where
+    every layer supports it). Measured at 160² (bench/bench_training_step.py): XLA takes 0.83×
+    the float32 step on an AVX2-only CPU but 1.36× on one with AVX-512, where oneDNN's kernels
+    win; in bf16 on a CPU (AMX) XLA took 1.92×. `on`/`off` as named. `gpus` and `flags`
+    default to this machine's."""
     if name != "auto":
         return name
     if gpus is None:
@@ -125,7 +128,8 @@ def resolve_jit(name: str, precision: str, steps: int, gpus=None) -> str:
         gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         return "auto"
-    return "on" if precision == "none" and steps >= XLA_MIN_STEPS else "off"
+    avx512 = "avx512f" in (cpu_flags() if flags is None else flags)
+    return "on" if precision == "none" and steps >= XLA_MIN_STEPS and not avx512 else "off"
 
 
 @contextlib.contextmanager
