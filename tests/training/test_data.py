@@ -320,12 +320,12 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
             real.decay_rate, real.decay_steps, real.weights, real.split, real.steps_per_epoch, real.ema) == (
         "InceptionV3", 224, 32, 3e-4, 3, 0.8, 3, "none", "study", None, 0.0)
     assert config.load(["--data", "d", "--weights", "imagenet"]).recipe == "reference"
-    # auto steps: >= 60 per epoch, about 2.5 passes in all; auto cache within the budget
+    # auto steps: >= 60 per epoch, about two passes in all; auto cache within the budget
     auto = config.load(["--data", "d"])
     assert config.steps_per_epoch(auto, 1_440) == 60
-    assert config.steps_per_epoch(auto, 451_000) == math.ceil(2.5 * 451_000 / (32 * 7))
+    assert config.steps_per_epoch(auto, 451_000) == math.ceil(3 * 451_000 / (32 * 7))
     assert config.steps_per_epoch(real, 1_440) is None
-    assert config.steps_per_epoch(auto, 451_000, replicas=8) == math.ceil(2.5 * 451_000 / (32 * 8 * 7))
+    assert config.steps_per_epoch(auto, 451_000, replicas=8) == math.ceil(3 * 451_000 / (32 * 8 * 7))
     assert (auto.strategy, auto.mixed_precision, auto.workers, auto.resume, auto.jit_compile) == (
         "auto", "auto", None, None, "auto")
     assert real.mixed_precision == "none"
