@@ -28,8 +28,8 @@ PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float1
 #: (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). Without them bf16 is
 #: emulated and slower than float32.
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-#: `--jit-compile` settings; `auto` compiles a float32 step on a CPU with XLA once a run has this
-#: many steps: XLA's compile costs about 12 s more than TensorFlow's graph and saves 14-17 % of
+#: `--jit-compile` settings; `auto` compiles a float32 step on a CPU without AVX-512 with XLA
+#: once a run has this many steps: XLA's compile costs about 12 s more than TensorFlow's graph and saves 14-17 % of
 #: each InceptionV3 step at 128-160² (bench/bench_training_step.py), repaid within 50-200 steps.
 JIT_SETTINGS, XLA_MIN_STEPS = ("auto", "on", "off"), 300
 
