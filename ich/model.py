@@ -108,7 +108,7 @@ class ModelCard:
         (Path(folder) / CARD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-def build_model(engine: str = "InceptionV3", input_size: int = 224, weights: str | None = None,
+def build_model(engine: str = "InceptionV3", input_size: int | None = 224, weights: str | None = None,
                 bn_momentum: float | None = None, flip_average: bool = False) -> "keras.Model":
     """`engine` without its top, global average pooling, Dense(6, sigmoid) in LABELS order.
 
@@ -120,6 +120,8 @@ def build_model(engine: str = "InceptionV3", input_size: int = 224, weights: str
     left-right mirror (heads are near-symmetric; training flips too) and the head reads the
     mean of the two pooled feature vectors, which for a linear head is the mean of the two
     logits. Same weights, in the same order, as the plain model; twice the engine's work.
+    `input_size` None: any square size (training with progressive resizing); the weights do
+    not depend on it, so an artifact copies them into a model of its card's size.
     """
     import keras
 
@@ -127,10 +129,10 @@ def build_model(engine: str = "InceptionV3", input_size: int = 224, weights: str
         constructor = getattr(keras.applications, engine)
     except AttributeError:
         raise ValueError(f"unknown keras.applications engine {engine!r}") from None
-    inputs = keras.Input((input_size, input_size, 3), name="windows")
+    shape = (input_size, input_size, 3)
+    inputs = keras.Input(shape, name="windows")
     x = _engine_scaling(engine, inputs)
-    base = constructor(include_top=False, weights=weights, input_shape=(input_size, input_size, 3),
-                       pooling="avg")
+    base = constructor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
     if bn_momentum is not None:
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):

@@ -191,32 +191,33 @@ class SliceCache:
     def batches(self, slices: Slices, batch_size: int, *, training: bool, seed: int = 0,
                 augment: float = 0.0, hu_augment=None, positive_fraction: float | None = None,
                 shard: tuple[int, int] = (1, 0), raw: bool = False, mixup: float = 0.0,
-                groups=None):
+                groups=None, size: int | None = None):
         """A tf.data pipeline over `slices` (rows of this cache).
 
         Training: reshuffled every epoch, repeated forever, full batches only, positive
         oversampling as `training.data.dataset` does it, or study-balanced with `groups` (the
         study of each of `slices`; one input pipeline only), HU augmentation (a
         `training.data.HUAugment`) then windows then `mixup` (α; 0: off) then geometric
-        augmentation; yields (images, labels). `raw`: yields (float16 HU, labels) and leaves augmentation and
-        windows to the training step, on the accelerator (`training.data.DevicePreprocess`):
-        the host then only reads. `shard` (count, index): this input pipeline's share of the
-        rows, one per worker under a multi-worker strategy.
+        augmentation, then shrunk to `size`² (progressive resizing; None: the cache's size);
+        yields (images, labels). `raw`: yields (float16 HU, labels) and leaves augmentation,
+        windows and `size` to the training step, on the accelerator
+        (`training.data.DevicePreprocess`): the host then only reads. `shard` (count, index):
+        this input pipeline's share of the rows, one per worker under a multi-worker strategy.
         Otherwise: in order, once; yields (windowed images, positions in `slices`).
         """
         import tensorflow as tf
 
-        from training.data import augmenter, index_dataset, mixup as mix, tf_windows
+        from training.data import augmenter, index_dataset, mixup as mix, shrink, tf_windows
 
         if slices.rows is None:
             raise ValueError("these slices are not rows of a prepared cache")
-        size, rows = self.input_size, np.asarray(slices.rows, np.int64)
+        stored, rows = self.input_size, np.asarray(slices.rows, np.int64)
         labels = tf.constant(slices.labels, tf.float32)
 
         def read(positions, dtype=tf.float32):
             hu = tf.numpy_function(lambda p: self.read(rows[p]), [positions], tf.float16,
                                    stateful=False)
-            hu.set_shape((None, size, size))
+            hu.set_shape((None, stored, stored))
             return tf.cast(hu, dtype)
 
         count, index = shard
@@ -251,6 +252,8 @@ class SliceCache:
         if augment:
             layer = augmenter(seed + index, augment)
             ds = ds.map(lambda x, y: (layer(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        if size is not None and size != stored:
+            ds = ds.map(lambda x, y: (shrink(x, size), y), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
 

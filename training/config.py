@@ -43,6 +43,8 @@ class TrainConfig:
     # model
     engine: str = "InceptionV3"
     input_size: int = 224
+    early_size: int | None = None            # progressive resizing: every epoch but the last
+    full_epochs: int = 3                     # `full_epochs` trains at early_size² (None: off)
     weights: str = "none"                    # none | imagenet | path to a weights file
     bn_momentum: float | None = None         # None = Keras' 0.99
     ema: float = 0.0                         # weight averaging momentum per step (0: off)
@@ -108,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"loss must be bce or weighted, not {self.loss!r}")
         if self.input_size < 75:
             raise ConfigError("--input-size must be at least 75 (InceptionV3's minimum)")
+        if self.early_size is not None and self.early_size < 75:
+            raise ConfigError("--early-size must be at least 75 (InceptionV3's minimum)")
         for name in ("target_recall", "slice_target_recall"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
@@ -142,7 +146,7 @@ class TrainConfig:
             raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 0:
             raise ConfigError("steps_per_epoch must be >= 0 (0 = auto)")
-        for name in ("batch_size", "epochs", "decay_steps", "validate_from"):
+        for name in ("batch_size", "epochs", "decay_steps", "validate_from", "full_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.workers is not None and self.workers < 1:
@@ -174,6 +178,7 @@ class TrainConfig:
 SCRATCH_RECIPE: dict[str, Any] = {
     "split": "study",            # validation on unseen heads
     "input_size": 160,           # 128 (4 × 4 of a 512² slice) missed near-isodense bleeds
+    # no progressive resizing (--early-size 128: 13 % faster, weaker on the held-out site-d)
     "mixed_precision": "auto",   # bf16 where native (AMX, AVX512-BF16, Ampere): 160² near 128²'s float32 cost
     "learning_rate": 1e-3,       # batch 32: 10.6 images/s on 2 cores, batch 16: 9.3
     "epochs": 7,
@@ -195,6 +200,14 @@ SYNTHETIC_RECIPE = SCRATCH_RECIPE   # the name earlier versions used
 RECIPES: dict[str, dict[str, Any]] = {"scratch": SCRATCH_RECIPE, "reference": {}}
 #: Minimum steps per epoch of an automatic schedule, and passes over the data in all.
 AUTO_MIN_STEPS, AUTO_PASSES = 60, 3
+
+
+def early_epochs(config: "TrainConfig") -> int:
+    """How many first epochs train at `early_size` (progressive resizing): every epoch but the
+    last `full_epochs`, or none when `early_size` is unset or not below `input_size`."""
+    if config.early_size is None or config.early_size >= config.input_size:
+        return 0
+    return max(0, config.epochs - config.full_epochs)
 
 
 def steps_per_epoch(config: "TrainConfig", train_images: int, replicas: int = 1) -> int | None:
@@ -241,6 +254,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--engine", help="keras.applications name (default InceptionV3)")
     p.add_argument("--input-size", type=int)
+    p.add_argument("--early-size", type=int, metavar="PX",
+                   help="progressive resizing: train every epoch but the last --full-epochs at "
+                        "PX² (cheaper steps while features are coarse); the model is validated "
+                        "and served at --input-size. Ignored unless smaller than --input-size "
+                        "(default off: 128 saved 13 %% of the scratch recipe's time and was "
+                        "weaker on the held-out site)")
+    p.add_argument("--full-epochs", type=int, metavar="N",
+                   help="how many last epochs train at --input-size when --early-size is set "
+                        "(default 3)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--epochs", type=int)

@@ -421,6 +421,14 @@ def mixup(images, labels, alpha: float, seed):
     return mix(images), mix(labels)
 
 
+def shrink(images, size: int):
+    """(B, S, S, C) windows → (B, size, size, C): progressive resizing's early epochs train on
+    the augmented images downscaled, antialiased so a thin bleed is averaged, not skipped."""
+    import tensorflow as tf
+
+    return tf.image.resize(images, (size, size), antialias=True)
+
+
 class DevicePreprocess:
     """The training step's own input stage when augmentation runs on the accelerator
     (`--augment-on device`): float16 HU batches from the cache → `HUAugment` → windows →
@@ -439,9 +447,10 @@ class DevicePreprocess:
         if self.layer is not None:
             self.layer.build((None, size, size, 3))   # its variables now, not while tracing
 
-    def __call__(self, hu, step, labels=None):
+    def __call__(self, hu, step, labels=None, size: int | None = None):
         """(B, S, S) HU of any float dtype, the step (int) → (B, S, S, 3) float32 windows;
-        with `labels`, (windows, labels), mixed as the host pipeline mixes them (`mixup`)."""
+        with `labels`, (windows, labels), mixed as the host pipeline mixes them (`mixup`).
+        `size`: shrink the augmented windows to size² (progressive resizing)."""
         import tensorflow as tf
 
         hu = tf.cast(hu, tf.float32)
@@ -456,6 +465,8 @@ class DevicePreprocess:
             images, labels = mixup(images, tf.cast(labels, tf.float32), self.mixup, seed)
         if self.layer is not None:
             images = self.layer(images, training=True)
+        if size is not None:
+            images = shrink(images, size)
         return images if labels is None else (images, labels)
 
     def xla_compiles(self) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 from ich.labels import LABELS, WEIGHT_VECTOR
 from training import context, evaluate, studies
 from training.cache import SliceCache, is_cache
-from training.config import ConfigError, TrainConfig, steps_per_epoch
+from training.config import ConfigError, TrainConfig, early_epochs, steps_per_epoch
 from training.data import (DataError, Decoder, DevicePreprocess, Slices, dataset, hu_augment,
                            positive_odds_ratio, read_trainset, slice_headers, split)
 from training.distribute import (is_chief, make_strategy, precision, resolve_jit, resolve_precision,
@@ -141,12 +141,34 @@ def validation_callback(model_wrapper: "MyDeepModel", valid: Slices):
                 return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
         def on_train_end(self, logs=None):
+            if self.params.get("epochs", model_wrapper.num_epochs) < model_wrapper.num_epochs:
+                return     # an early phase of progressive resizing ended, not training
             weights = self.best_weights()
             if weights is not None:
                 self.model.set_weights(weights)
             model_wrapper.correct_priors()     # the exported model predicts population priors
 
     return Validation()
+
+
+def image_size_callback():
+    """Each epoch's training image size in its logs (so in history.csv), and a log line where
+    it changes (progressive resizing, `MyDeepModel.phases`); the fit loop sets `size`."""
+    import keras
+
+    class ImageSize(keras.callbacks.Callback):
+        size, logged = None, None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.size != self.logged:
+                log.info("epoch %d: training at %d² images", epoch + 1, self.size)
+                self.logged = self.size
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["image_size"] = self.size
+
+    return ImageSize()
 
 
 def checkpoint_callback(model_wrapper: "MyDeepModel"):
@@ -156,9 +178,15 @@ def checkpoint_callback(model_wrapper: "MyDeepModel"):
     import keras
 
     class Checkpoint(keras.callbacks.BackupAndRestore):
+        began = False
+
         def on_train_begin(self, logs=None):
+            if self.began:   # a later phase (`MyDeepModel.phases`): go on, nothing to restore
+                self.model._initial_epoch = self._current_epoch
+                return
+            self.began = True
             super().on_train_begin(logs)
-            start = self.model._initial_epoch or 0
+            start = self._current_epoch = self.model._initial_epoch or 0
             if start:
                 log.info("resuming at epoch %d from %s (weights %s)", start + 1, self.backup_dir,
                          weights_digest(self.model))
@@ -224,7 +252,7 @@ class MyDeepModel:
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
                  run_dir=None, augment_on="host", ema=0.0, weight_decay=0.0, mixup=0.0,
-                 flip_average=False, jit_compile="auto"):
+                 flip_average=False, jit_compile="auto", early_size=None, early_epochs=0):
         import tensorflow as tf
 
         from ich.model import build_model
@@ -245,6 +273,10 @@ class MyDeepModel:
         self.verbose, self.loss, self.steps_per_epoch = verbose, loss, steps_per_epoch
         self.augment, self.bn_recalibrate = augment, bn_recalibrate
         self.validate_from = min(validate_from, num_epochs)
+        # progressive resizing: the first `early_epochs` train at early_size², the rest (and
+        # validation, and the artifact) at input_dims
+        early = min(early_epochs, num_epochs - 1) if early_size and early_size < self.input_dims[0] else 0
+        self.early_size, self.early_epochs = (early_size, early) if early > 0 else (None, 0)
         self.positive_fraction = positive_fraction
         self.logit_shift = 0.0     # log odds ratio of the training sampler (0: natural sampling)
         self.workers, self.seed = workers, seed
@@ -256,7 +288,8 @@ class MyDeepModel:
         resolver = getattr(self.strategy, "cluster_resolver", None)
         self.task_id = getattr(resolver, "task_id", 0) or 0
         with self.strategy.scope():
-            self.model = build_model(self.engine, self.input_dims[0], self.weights, bn_momentum)
+            self.model = build_model(self.engine, None if self.early_size else self.input_dims[0],
+                                     self.weights, bn_momentum)
             self._compile()
         self.cache: SliceCache | None = None
         self.validation = None
@@ -295,7 +328,9 @@ class MyDeepModel:
         self._train_df, self._train_groups = train_df, groups
         steps = self.steps_per_epoch or max(1, math.ceil(len(train_df) / self.global_batch))
         self.validation = validation_callback(self, valid_df)
+        sizes = image_size_callback()
         callbacks = [
+            sizes,     # first: history.csv records each epoch's image size
             keras.callbacks.LearningRateScheduler(
                 lr_schedule(self.learning_rate, self.decay_rate, self.decay_steps)),
             self.validation,
@@ -308,13 +343,33 @@ class MyDeepModel:
         line_progress = self.verbose == 2 or (self.verbose == 1 and not sys.stdout.isatty())
         if line_progress:
             callbacks.append(progress_callback(self.num_epochs, steps, self.global_batch))
-        with self._fit_scope():
-            return self.model.fit(self._train_batches(train_df), epochs=self.num_epochs,
-                                  steps_per_epoch=steps, callbacks=callbacks,
-                                  verbose=0 if line_progress else self.verbose, shuffle=False)
+        history = None
+        for start, end, size in self.phases():
+            sizes.size = size
+            with self._fit_scope(size):
+                phase = self.model.fit(self._train_batches(train_df, size, start), initial_epoch=start,
+                                       epochs=end, steps_per_epoch=steps, callbacks=callbacks,
+                                       verbose=0 if line_progress else self.verbose, shuffle=False)
+            if history is None:
+                history = phase
+            else:    # one History over every phase, as a single fit returns
+                history.epoch += phase.epoch
+                for key, values in phase.history.items():
+                    history.history.setdefault(key, []).extend(values)
+        return history
+
+    def phases(self) -> list[tuple[int, int, int]]:
+        """(first epoch, end epoch, image size) of each `fit`: with progressive resizing the
+        early epochs at `early_size`, then the rest at the input size. The same callbacks
+        carry over; the training step is traced once per size (InceptionV3's weights do not
+        depend on the image size, only its cost does: about (size ratio)²)."""
+        full = self.input_dims[0]
+        if not self.early_epochs:
+            return [(0, self.num_epochs, full)]
+        return [(0, self.early_epochs, self.early_size), (self.early_epochs, self.num_epochs, full)]
 
     @contextlib.contextmanager
-    def _fit_scope(self):
+    def _fit_scope(self, size: int | None = None):
         """Keras 3's `fit` under MultiWorkerMirroredStrategy fails twice before its first step
         (tensorflow/tensorflow#72388): it builds the model symbolically from one batch got by
         `strategy.reduce` of the (images, labels) tuple, which that strategy cannot reduce
@@ -347,7 +402,8 @@ class MyDeepModel:
                 if not self.model.optimizer.built:   # that build made its slots before tracing
                     self.model.optimizer.build(self.model.trainable_variables)
             iterations, inner = self.model.optimizer.iterations, step
-            step = lambda data: inner(prepare(data[0], iterations, data[1]))   # noqa: E731
+            shrink = size if size and size != self.input_dims[0] else None
+            step = lambda data: inner(prepare(data[0], iterations, data[1], shrink))   # noqa: E731
         if multi:
             logged = step
             step = lambda data: {k: tf.reshape(v, [1]) for k, v in logged(data).items()}  # noqa: E731
@@ -361,10 +417,12 @@ class MyDeepModel:
             self.model._distribute_strategy = saved
             del self.model.train_step          # the class's own again
 
-    def _train_batches(self, train_df: Slices):
+    def _train_batches(self, train_df: Slices, size: int | None = None, first_epoch: int = 0):
         """The training pipeline: one per device group; with several replicas, one per input
-        pipeline (worker), each reading its own share of the rows at the per-replica batch."""
-        kwargs = {"training": True, "seed": self.seed, "augment": self.augment,
+        pipeline (worker), each reading its own share of the rows at the per-replica batch.
+        `size`: the images' size (progressive resizing; None: the cache's). A phase starting
+        at `first_epoch` > 0 draws its own order and augmentation, not the first phase's again."""
+        kwargs = {"training": True, "seed": self.seed + first_epoch, "augment": self.augment, "size": size,
                   "hu_augment": self.hu_augment, "positive_fraction": self.positive_fraction,
                   "raw": self.augment_on == "device", "mixup": self.mixup,
                   "groups": self._train_groups}
@@ -729,10 +787,15 @@ def run(config: TrainConfig) -> Path | None:
             augment=config.augment and config.augment_scale, bn_recalibrate=config.bn_recalibrate,
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,
             workers=config.workers, seed=config.seed, hu_augment=hu_augment(config.hu_augment),
-            strategy=strategy, run_dir=run_dir, augment_on=placement, jit_compile=config.jit_compile)
+            strategy=strategy, run_dir=run_dir, augment_on=placement, jit_compile=config.jit_compile,
+            early_size=config.early_size, early_epochs=early_epochs(config))
         log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s, XLA %s, augmentation on %s",
                  config.epochs, steps, deep.global_batch, deep.replicas, config.mixed_precision,
                  config.jit_compile, deep.augment_on)
+        if config.early_size and not deep.early_epochs:
+            log.warning("--early-size %d unused: it must be below --input-size %d, and --epochs %d "
+                        "more than --full-epochs %d", config.early_size, config.input_size,
+                        config.epochs, config.full_epochs)
         deep.fit_model(train, calib, cache, headers.studies[train_idx]
                        if config.positive_sampling == "study" else None)
     # Calibration chose the epoch; it now calibrates the probabilities and chooses the operating

@@ -1,6 +1,7 @@
 """Every device, and surviving a kill: MirroredStrategy over two logical CPU devices (with the
 augmentation in the training step, as on GPUs) exports the same single-device model it trained;
-a run killed after its first epoch resumes with the weights the checkpoint saved."""
+a run killed after its first epoch (trained small: progressive resizing) resumes with the
+weights the checkpoint saved, at the full size."""
 from __future__ import annotations
 
 import csv
@@ -87,17 +88,21 @@ def test_mirrored_strategy_on_two_devices_exports_the_model_it_trained(phantoms,
 
 
 def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, tmp_path):
+    """With progressive resizing, as the recipe trains: epoch 1 at 80², killed, epoch 2 at
+    96² in the resumed process (the small phase is not redone)."""
     out = tmp_path / "models"
     argv = [sys.executable, "-m", "training", "--synthetic-studies", "4", "--synthetic-slices", "6", "8",
-            "--synthetic-dir", str(phantoms), "--site-studies", "0", "--input-size", "75",
+            "--synthetic-dir", str(phantoms), "--site-studies", "0", "--input-size", "96",
+            "--early-size", "80", "--full-epochs", "1",
             "--batch-size", "4", "--epochs", "2", "--steps-per-epoch", "2", "--seed", "5",
             "--out", str(out), "--version", "killed-1", "--verbose", "2", "--allow-failed",
-            "--augment-on", "device"]   # one device, augmentation in its training step
+            "--augment-on", "device"]   # one device, augmentation (and shrinking) in its training step
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    saved = None
+    saved, seen = None, []
     try:
         for line in first.stderr:
+            seen.append(line)
             found = re.search(r"checkpoint: epoch 1 saved to .* \(weights (\w+)\)", line)
             if found:
                 saved = found.group(1)
@@ -107,6 +112,7 @@ def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, t
         first.kill()
         first.wait(timeout=60)
     assert saved, "the first run never saved a checkpoint"
+    assert any("epoch 1: training at 80² images" in line for line in seen)
     run_dir = out / "runs" / "killed-1"
     assert not (out / "killed-1").exists() and (run_dir / "checkpoint").is_dir()
 
@@ -116,10 +122,11 @@ def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, t
     assert f"resuming at epoch 2 from {run_dir / 'checkpoint'} (weights {saved})" in resumed.stderr
     assert "checkpoint: epoch 1 saved" not in resumed.stderr          # epoch 1 was not redone
     assert "checkpoint: epoch 2 saved" in resumed.stderr
+    assert "epoch 2: training at 96² images" in resumed.stderr and "at 80²" not in resumed.stderr
     card = ModelCard.read(out / "killed-1")
-    assert card.version == "killed-1" and card.metrics["best_epoch"] == 2
-    with open(out / "killed-1" / "history.csv", newline="") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]    # one row per epoch, across both
+    assert card.version == "killed-1" and card.metrics["best_epoch"] == 2 and card.input_size == 96
+    with open(out / "killed-1" / "history.csv", newline="") as f:         # one row per epoch, across both
+        assert [(r["epoch"], r["image_size"]) for r in csv.DictReader(f)] == [("0", "80"), ("1", "96")]
     assert json.loads((out / "killed-1" / "config.json").read_text())["epochs"] == 2
 
 
