@@ -39,6 +39,7 @@ from training.data import (DataError, Decoder, DevicePreprocess, Slices, dataset
                            positive_odds_ratio, read_trainset, slice_headers, split)
 from training.distribute import (is_chief, make_strategy, precision, resolve_jit, resolve_precision,
                                  strategy_name)
+from training.fused_bn import fuse_batch_norm
 from training.studies import StudySet
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,9 @@ class MyDeepModel:
 
     `batch_size` is per replica of `strategy` (default: one device); the global batch and the
     learning rate scale with the replicas (training.distribute). `run_dir`: where the best
-    epoch, the checkpoint and history.csv go (None: memory only, no resume)."""
+    epoch, the checkpoint and history.csv go (None: memory only, no resume).
+    `fused_batch_norm`: train on `training.fused_bn`'s layers (the same maths, a cheaper step);
+    the exported model has Keras' own."""
 
     def __init__(self, engine="InceptionV3", input_dims=(224, 224, 3), batch_size=32,
                  learning_rate=3e-4, num_epochs=3, decay_rate=0.8, decay_steps=3,
@@ -252,7 +255,8 @@ class MyDeepModel:
                  steps_per_epoch=None, augment=True, bn_recalibrate=0, validate_from=1,
                  positive_fraction=None, workers=2, seed=42, hu_augment=None, strategy=None,
                  run_dir=None, augment_on="host", ema=0.0, weight_decay=0.0, mixup=0.0,
-                 flip_average=False, jit_compile="auto", early_size=None, early_epochs=0):
+                 flip_average=False, jit_compile="auto", early_size=None, early_epochs=0,
+                 fused_batch_norm=True):
         import tensorflow as tf
 
         from ich.model import build_model
@@ -290,6 +294,8 @@ class MyDeepModel:
         with self.strategy.scope():
             self.model = build_model(self.engine, None if self.early_size else self.input_dims[0],
                                      self.weights, bn_momentum)
+            if fused_batch_norm:   # the same layers on the fused kernel: a cheaper step
+                self.model = fuse_batch_norm(self.model)
             self._compile()
         self.cache: SliceCache | None = None
         self.validation = None
@@ -788,7 +794,8 @@ def run(config: TrainConfig) -> Path | None:
             validate_from=config.validate_from, positive_fraction=config.positive_fraction,
             workers=config.workers, seed=config.seed, hu_augment=hu_augment(config.hu_augment),
             strategy=strategy, run_dir=run_dir, augment_on=placement, jit_compile=config.jit_compile,
-            early_size=config.early_size, early_epochs=early_epochs(config))
+            early_size=config.early_size, early_epochs=early_epochs(config),
+            fused_batch_norm=config.fused_batch_norm)
         log.info("%d epochs x %d steps of %d (%d replica(s)), precision %s, XLA %s, augmentation on %s",
                  config.epochs, steps, deep.global_batch, deep.replicas, config.mixed_precision,
                  config.jit_compile, deep.augment_on)
