@@ -5,7 +5,7 @@ two reductions, `tf.nn.batch_normalization`, a cast back), and the backward pass
 each; Keras 2 called the fused kernel (`FusedBatchNormV3`: oneDNN on a CPU, cuDNN on a GPU),
 which does the same arithmetic in one pass forward and one back. InceptionV3 has 94 of them, and
 on 2 CPU cores the composed ops cost a fifth of the training step (bench/bench_training_step.py:
-bf16 at 160², batch 32, 0.78x the step with the fused kernel, float32 0.92x).
+bf16 at 160², batch 32, 0.78x the step with the fused kernel, float32 0.85x).
 
 Where the kernel takes no such tensor (bf16 on a GPU, float64) the layer is Keras' own.
 Same weights, same statistics, same outputs to float rounding: only the training model uses it
