@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from ich.model import ModelCard
-from training import synthetic
 
 #: Two logical CPU devices must be configured before TensorFlow starts: its own process.
 MIRRORED = textwrap.dedent("""
@@ -55,13 +54,6 @@ MIRRORED = textwrap.dedent("""
         "max_difference": float(np.abs(np.asarray(deep.model(x, training=False))
                                        - np.asarray(loaded(x, training=False))).max())}))
 """)
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    synthetic.generate(root, studies=4, seed=9, slices=(6, 8))
-    return root
 
 
 def test_mirrored_strategy_on_two_devices_exports_the_model_it_trained(phantoms, tmp_path):

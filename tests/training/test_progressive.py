@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training import config, synthetic
+from training import config
 from training.config import ConfigError, early_epochs
 
 
@@ -51,13 +51,6 @@ def test_the_model_trained_at_two_sizes_exports_the_input_size_with_the_same_wei
     hu = tf.random.uniform((3, 96, 96), -100, 100)
     assert DevicePreprocess(1, None, 1.0, 96)(hu, 0, size=80).shape == (3, 80, 80, 3)
     assert DevicePreprocess(1, None, 1.0, 96)(hu, 0).shape == (3, 96, 96, 3)
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    synthetic.generate(root, studies=4, seed=9, slices=(6, 8))
-    return root
 
 
 def test_the_training_pipeline_shrinks_its_images_to_the_phase_size(phantoms, tmp_path):
