@@ -304,11 +304,13 @@ def evaluate_artifact(model_dir: Path, data_dir: Path, plots: Path | None,
 def score_folder(forward, card, data_dir: Path, batch_size: int = 32, workers: int = 2,
                  plots: Path | None = None, predictions: Path | None = None) -> dict:
     """Every figure of one RSNA-layout folder under the card's thresholds and rule."""
+    from training.synthetic import read_acquisitions
+
     trainset, rows, y, p, headers, decoder = predict_folder(forward, card.input_size, data_dir, batch_size, workers)
     slice_thresholds = {**DEFAULT_THRESHOLDS, **(card.slice_thresholds or card.thresholds)}
     if predictions is not None:
         write_predictions(predictions, {"evaluate": (trainset.take(rows), headers, p)})
-    result = {**figures(y, p, headers, slice_thresholds, card.rule(), plots),
+    result = {**figures(y, p, headers, slice_thresholds, card.rule(), plots, read_acquisitions(data_dir)),
               "read": trainset.report(), "decode": decoder.report()}
     return result
 
@@ -325,13 +327,17 @@ def predict_folder(forward, input_size: int, data_dir: Path, batch_size: int = 3
     return trainset, rows, trainset.labels[rows], p, slice_headers(trainset.paths[rows]), decoder
 
 
-def figures(y, p, headers, slice_thresholds: dict, rule, plots: Path | None = None) -> dict:
-    """Slice figures at `slice_thresholds`, study figures under `rule`, the alerting studies."""
-    from training.studies import StudySet, alerting_studies, plot_study_curves, study_metrics
+def figures(y, p, headers, slice_thresholds: dict, rule, plots: Path | None = None,
+            attributes: dict | None = None) -> dict:
+    """Slice figures at `slice_thresholds`, study figures under `rule`, the alerting studies,
+    and with per-study `attributes` (a phantom folder's site draws) the errors by each."""
+    from training.studies import StudySet, alerting_studies, errors_by, plot_study_curves, study_metrics
 
     study_set = StudySet.build(y, p, headers)
     result = {**metrics(y, p, slice_thresholds), "study": study_metrics(study_set, rule),
               "alerting_studies": sorted(alerting_studies(study_set, rule))}
+    if attributes:
+        result["errors_by_acquisition"] = errors_by(study_set, rule, attributes)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(plot_precision_recall(y, p, slice_thresholds, plots / "precision_recall.png")),

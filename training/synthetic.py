@@ -49,6 +49,9 @@ _VARIANT_BLOCK = ("default",) * 12 + VARIANTS[1:]
 
 TRAIN_DIR = "stage_2_train"
 TRAIN_CSV = "stage_2_train.csv"
+#: Each study's site draws (`acquisition_row`), beside the labels: what an error analysis needs to
+#: say which scanner or patient axis a model fails on (`training.studies.errors_by`).
+ACQUISITIONS_CSV = "acquisitions.csv"
 
 SLICE_SPACING_MM = 5.0
 FOV_MM = 230.4                      # 0.45 mm pixels at 512², 0.9 mm at 256²
@@ -952,6 +955,37 @@ def make_study(seed: int, index: int, prevalence: float = 0.14,
             for k in range(h.n)]
 
 
+def acquisition_row(seed: int, index: int, site: "str | Site" = DEFAULT_SITE) -> dict:
+    """Study `index`'s site draws as numbers (`_acquisition`), keyed by its StudyInstanceUID:
+    one row of ACQUISITIONS_CSV. Streaks and motion are their amplitudes (0: none); the
+    calcifications a count; `bleed_shift` the fainter of the two bleed density shifts (HU).
+    No patient data: the phantom's UID is all that names the study."""
+    a = _acquisition(seed, index, site_named(site))
+    return {"study_instance_uid": str(_meta(seed, index).study_uid), "index": index, "site": a.site,
+            **{f: round(float(getattr(a, f)), 4) for f in _DRAWN},
+            "streaks": round(float(a.streaks[0]), 4), "motion": round(float(a.motion[0]), 4),
+            "calcifications": len(a.calcifications), "dense_vessel": int(bool(a.vessel)),
+            "bleed_shift": round(float(min(a.bleed_shift)), 4)}
+
+
+_DRAWN = ("head_scale", "tilt", "fov_mm", "slice_mm", "noise_scale", "noise_grain", "kernel",
+          "hu_offset", "cupping", "atrophy", "bleed_scale")
+
+
+def read_acquisitions(folder) -> dict[str, dict[str, float]] | None:
+    """{StudyInstanceUID: {axis: value}} from a generated folder's ACQUISITIONS_CSV; None
+    where there is none (data from elsewhere, or generated before it existed)."""
+    import csv
+
+    path = Path(folder) / ACQUISITIONS_CSV
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return {row.pop("study_instance_uid"): {k: float(v) for k, v in row.items()
+                                               if k not in ("index", "site")}
+                for row in csv.DictReader(f)}
+
+
 def _check(seed: int, index: int, slices) -> None:
     if seed < 0 or not 0 <= index < 1 << 28:
         raise ValueError("seed must be >= 0 and the study index in [0, 2**28)")
@@ -971,12 +1005,24 @@ def _write_study(job) -> list[tuple[str, tuple[int, ...], str]]:
     return rows
 
 
+def _write_acquisitions(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["study_instance_uid"])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
 def generate(out, studies: int, seed: int, prevalence: float = 0.14,
              slices: tuple[int, int] = (24, 36), workers: int = 1,
              overwrite: bool = False, site: "str | Site" = DEFAULT_SITE) -> dict:
     """Write `studies` phantom studies of `site` to `out` in RSNA layout; return a summary.
 
-    The CSV is written last (atomically), so its presence marks a complete dataset.
+    The label CSV is written last (atomically), so its presence marks a complete dataset;
+    ACQUISITIONS_CSV, each study's site draws, just before it.
     Refuses a folder that already holds a dataset unless `overwrite`.
     """
     if studies < 0:
@@ -992,6 +1038,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
     for path in existing:
         path.unlink()
     csv_path.unlink(missing_ok=True)
+    (out / ACQUISITIONS_CSV).unlink(missing_ok=True)
     images.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -1002,6 +1049,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
     else:
         per_study = [_write_study(job) for job in jobs]
     rows = [row for study in per_study for row in study]
+    _write_acquisitions(out / ACQUISITIONS_CSV, [acquisition_row(seed, i, site) for i in range(studies)])
 
     tmp = csv_path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:

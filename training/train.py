@@ -735,12 +735,15 @@ def _phantoms(folder: Path, studies: int, seed: int, slices, site: str, workers:
 def score_heldout(model, config: TrainConfig, sets: dict[str, Path], slice_thresholds, rule) -> dict:
     """The exported model's figures on every held-out site, straight from DICOM as a worker
     would decode it, each on its own (it chose nothing)."""
+    from training.synthetic import read_acquisitions
+
     results = {}
     forward = evaluate.compiled_forward(model)
     for name, folder in sets.items():
         _, _, y, p, headers, decoder = evaluate.predict_folder(
             forward, config.input_size, folder, config.batch_size, config.workers or 2)
-        figures = evaluate.figures(y, p, headers, slice_thresholds, rule)
+        figures = evaluate.figures(y, p, headers, slice_thresholds, rule,
+                                   attributes=read_acquisitions(folder))
         results[name] = {"data": str(folder), **figures, "decode": decoder.report()}
         study = figures["study"]
         log.info("held-out %s: %d studies, study AUC %s, recall %s, specificity %s", name,

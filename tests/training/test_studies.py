@@ -148,3 +148,27 @@ def test_rule_specs():
     for bad in ("median", "consecutive-0", "topk-x"):
         with pytest.raises(ValueError):
             studies.candidates(bad)
+
+
+def test_errors_by_an_attribute_count_false_alerts_and_misses_per_range():
+    """errors_by: each study falls in the range of its attribute; a normal that alerts and a
+    bleed that does not are counted there; a study without attributes is only counted."""
+    quiet, spike, bleed, faint = [0.05] * 4, [0.05, 0.9, 0.05, 0.05], [0.1, 0.8, 0.9, 0.1], [0.1, 0.2, 0.3, 0.1]
+    specs = [(quiet, []), (quiet, []), (spike, []), (spike, []), (bleed, [1, 2]), (faint, [1, 2]), (quiet, [])]
+    s = make_set(specs)
+    rule = StudyRule("max", 1, {**DEFAULT_THRESHOLDS, ANY: 0.5})
+    streaks = {"1.2.0": 5.0, "1.2.1": 40.0, "1.2.2": 35.0, "1.2.3": 45.0, "1.2.4": 10.0, "1.2.5": 44.0}
+    attributes = {uid: {"streaks": v, "slice_mm": 5.0 if v < 30 else 7.0} for uid, v in streaks.items()}
+    result = studies.errors_by(s, rule, attributes)
+    assert result["studies_matched"] == 6 and result["studies_unmatched"] == 1
+    low, middle, high = result["axes"]["streaks"]      # 5–18.3, 18.3–31.7, 31.7–45
+    assert (low["from"], high["to"]) == (5.0, 45.0)
+    assert (low["normal_studies"], low["false_alerts"], low["bleeding_studies"], low["missed"]) == (1, 0, 1, 0)
+    assert middle["normal_studies"] == middle["bleeding_studies"] == 0
+    assert (high["normal_studies"], high["false_alerts"], high["bleeding_studies"], high["missed"]) == (3, 2, 1, 1)
+    thin, thick = result["axes"]["slice_mm"]           # two values: one range each
+    assert (thin["from"], thin["to"], thick["from"]) == (5.0, 5.0, 7.0)
+    assert thick["false_alerts"] == 2 and thick["missed"] == 1 and thin["false_alerts"] == thin["missed"] == 0
+    m = studies.study_metrics(s, rule)             # the same decisions as the study figures
+    assert sum(b["false_alerts"] for b in result["axes"]["streaks"]) == m["fp"]
+    assert sum(b["missed"] for b in result["axes"]["streaks"]) == m["fn"]

@@ -74,6 +74,31 @@ def tree_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
+def test_each_studys_site_draws_are_written_beside_the_labels(dataset, files):
+    """acquisitions.csv: one row per study, keyed by the UID its files carry, holding the
+    draws `make_study` rendered it with, inside the site's ranges; no patient data."""
+    out, _ = dataset
+    table = synthetic.read_acquisitions(out)
+    assert set(table) == {ds.StudyInstanceUID for ds in files.values()} and len(table) == 17
+    site = synthetic.SITES[synthetic.DEFAULT_SITE]
+    for index in range(17):
+        row = synthetic.acquisition_row(3, index)
+        assert table[row["study_instance_uid"]] == {k: float(v) for k, v in row.items()
+                                                    if k not in ("study_instance_uid", "index", "site")}
+        drawn = synthetic._acquisition(3, index, site)   # what make_study renders with
+        assert row["streaks"] == pytest.approx(drawn.streaks[0], abs=1e-4)
+        assert row["cupping"] == pytest.approx(drawn.cupping, abs=1e-4)
+        assert row["calcifications"] == len(drawn.calcifications)
+        assert row["dense_vessel"] == int(bool(drawn.vessel))
+        assert row["bleed_shift"] == pytest.approx(min(drawn.bleed_shift), abs=1e-4)
+        assert site.streaks[0] <= row["streaks"] <= site.streaks[1]
+        assert site.hu_offset[0] <= row["hu_offset"] <= site.hu_offset[1]
+        assert row["slice_mm"] in site.slice_mm
+    header = (out / synthetic.ACQUISITIONS_CSV).read_text().splitlines()[0]
+    assert not {"patient", "birth", "name"} & set(header.lower().replace(",", " ").replace("_", " ").split())
+    assert synthetic.read_acquisitions(out / "stage_2_train") is None   # none there: no breakdown
+
+
 def test_files_are_ct_image_storage_in_explicit_vr_little_endian(files):
     assert len(files) >= 17 * SMALL[0]
     for image_id, ds in files.items():

@@ -93,6 +93,15 @@ def test_held_out_site_is_generated_apart_and_reported_on_its_own(run):
                      for f in (run["phantoms"] / "stage_2_train").glob("*.dcm")}
     assert not train_studies & {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}
     assert {"weighted_log_loss", "per_label", "alerting_studies"} <= set(site)
+    # the phantoms' site draws sit beside them, so each error can be traced to a scanner axis
+    errors = site["errors_by_acquisition"]
+    assert errors["studies_matched"] == 3 and errors["studies_unmatched"] == 0
+    streaks = errors["axes"]["streaks"]
+    assert sum(b["normal_studies"] + b["bleeding_studies"] for b in streaks) == 3
+    assert sum(b["false_alerts"] for b in streaks) == site["study"]["fp"]
+    assert sum(b["missed"] for b in streaks) == site["study"]["fn"]
+    lo, hi = synthetic.SITES["site-d"].streaks
+    assert lo <= streaks[0]["from"] and streaks[-1]["to"] <= hi
 
 
 def test_context_head_is_measured_beside_the_slice_model(run):
@@ -177,6 +186,7 @@ def test_evaluate_cli_prints_metrics_json(run, tmp_path):
     held = result["heldout"][site.name]       # the same figures, on their own, as training's
     assert held["study"] == card.metrics["heldout"]["site-d"]["study"]
     assert held["images"] == card.metrics["heldout"]["site-d"]["images"]
+    assert held["errors_by_acquisition"] == card.metrics["heldout"]["site-d"]["errors_by_acquisition"]
     assert f"verdict on {site}" in proc.stderr
 
 
