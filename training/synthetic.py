@@ -974,16 +974,29 @@ _DRAWN = ("head_scale", "tilt", "fov_mm", "slice_mm", "noise_scale", "noise_grai
 
 def read_acquisitions(folder) -> dict[str, dict[str, float]] | None:
     """{StudyInstanceUID: {axis: value}} from a generated folder's ACQUISITIONS_CSV; None
-    where there is none (data from elsewhere, or generated before it existed)."""
+    where there is none (data from elsewhere, or generated before it existed). A value that is
+    not a number is left out rather than failing the figures it only annotates."""
     import csv
 
     path = Path(folder) / ACQUISITIONS_CSV
     if not path.is_file():
         return None
+    table = {}
     with open(path, newline="") as f:
-        return {row.pop("study_instance_uid"): {k: float(v) for k, v in row.items()
-                                               if k not in ("index", "site")}
-                for row in csv.DictReader(f)}
+        for row in csv.DictReader(f):
+            uid = row.pop("study_instance_uid", None)
+            if uid:
+                table[uid] = {k: v for k, v in ((k, _float(v)) for k, v in row.items()
+                                                if k not in ("index", "site", None)) if v is not None}
+    return table
+
+
+def _float(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _check(seed: int, index: int, slices) -> None:

@@ -99,6 +99,13 @@ def test_each_studys_site_draws_are_written_beside_the_labels(dataset, files):
     assert synthetic.read_acquisitions(out / "stage_2_train") is None   # none there: no breakdown
 
 
+def test_a_damaged_acquisitions_table_loses_only_its_bad_values(tmp_path):
+    (tmp_path / synthetic.ACQUISITIONS_CSV).write_text(
+        "study_instance_uid,index,site,streaks,kernel\n1.2.3,0,x,31.5,soft\n,1,x,2,3\n1.2.4,2,x,nan,-1\n1.2.5,3\n")
+    assert synthetic.read_acquisitions(tmp_path) == {"1.2.3": {"streaks": 31.5}, "1.2.4": {"kernel": -1.0},
+                                                     "1.2.5": {}}
+
+
 def test_files_are_ct_image_storage_in_explicit_vr_little_endian(files):
     assert len(files) >= 17 * SMALL[0]
     for image_id, ds in files.items():
