@@ -249,7 +249,7 @@ def errors_by(studies: StudySet, rule: StudyRule, attributes: dict[str, dict[str
     for axis in axes:
         rows = [(attributes[uid][axis], bleed, alert) for uid, bleed, alert in known
                 if axis in attributes[uid]]
-        values = np.array([v for v, _, _ in rows], np.float64)
+        values, bleed, alert = (np.array(column) for column in zip(*rows))
         distinct = np.unique(values)
         if len(distinct) < 2:
             continue
@@ -262,11 +262,9 @@ def errors_by(studies: StudySet, rule: StudyRule, attributes: dict[str, dict[str
             which = np.minimum(np.searchsorted(cuts, values, side="right") - 1, bins - 1)
         result["axes"][axis] = [{
             "from": round(lo, 4), "to": round(hi, 4),
-            "normal_studies": sum(1 for (_, b, _), w in zip(rows, which) if w == i and not b),
-            "false_alerts": sum(1 for (_, b, a), w in zip(rows, which) if w == i and not b and a),
-            "bleeding_studies": sum(1 for (_, b, _), w in zip(rows, which) if w == i and b),
-            "missed": sum(1 for (_, b, a), w in zip(rows, which) if w == i and b and not a),
-        } for i, (lo, hi) in enumerate(edges)]
+            "normal_studies": int(np.sum(here & ~bleed)), "false_alerts": int(np.sum(here & ~bleed & alert)),
+            "bleeding_studies": int(np.sum(here & bleed)), "missed": int(np.sum(here & bleed & ~alert)),
+        } for i, (lo, hi) in enumerate(edges) for here in [which == i]]
     return result
 
 
