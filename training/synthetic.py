@@ -22,7 +22,9 @@ the RSNA 12-bit defect (stored = HU mod 4096, intercept 0) that readers fix with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import hashlib
 import io
 import math
 import multiprocessing
@@ -100,7 +102,8 @@ class Site:
     texture, reconstruction kernel and head size, so it can stand for a hospital the model
     never saw; `site-e` lies outside on the other side (small heads, very soft kernel, low
     noise, HU calibration off by 6.5-10, strong beam hardening) and was defined before any model
-    was measured on it, so no design choice was tuned on it. `legacy` is the generator before
+    was measured on it, so no design choice was tuned on it. `site-f` pushes one axis out:
+    skull-base streaks, which site-e's false alerts followed. `legacy` is the generator before
     sites existed, byte for byte.
     docs/training.md tabulates the ranges and why each.
     """
@@ -130,8 +133,9 @@ class Site:
 #: 40 % (randomised: -12 to -4 HU, bleeds 48-76 HU, SAH 44-66).
 FAINT_PART = 0.4
 
-#: Named sites. Training data default to `randomised`; `site-d` and `site-e` are for held-out
-#: validation only.
+#: Named sites. Training data default to `randomised`; `site-d`, `site-e` and `site-f` are for
+#: held-out validation only. `site-f` is `randomised` with every study's skull-base streaks
+#: beyond training's (36-55 HU) and no faint-bleed share: one axis pushed out, the rest inside.
 SITES: dict[str, Site] = {
     "legacy": Site("legacy"),
     "randomised": Site(
@@ -153,6 +157,12 @@ SITES: dict[str, Site] = {
         kernel=(-1.4, -1.0), hu_offset=(6.5, 10.0), cupping=(10.0, 16.0), streaks=(25.0, 45.0),
         motion=0.1, atrophy=(0.0, 0.5), calcification=0.35, dense_vessel=0.15,
         bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0)),
+    "site-f": Site(
+        "site-f", head_scale=(0.88, 1.10), tilt=(-0.25, 0.25), fov_mm=(200.0, 260.0),
+        slice_mm=(2.5, 3.0, 5.0), noise_scale=(0.6, 1.6), noise_grain=(0.0, 1.2),
+        kernel=(-0.8, 0.6), hu_offset=(-6.0, 6.0), cupping=(0.0, 10.0), streaks=(36.0, 55.0),
+        motion=0.1, atrophy=(0.0, 1.0), calcification=0.35, dense_vessel=0.15,
+        bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0)),
 }
 DEFAULT_SITE = "randomised"
 
@@ -164,6 +174,19 @@ def site_named(site: "str | Site") -> Site:
         return SITES[site]
     except KeyError:
         raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}") from None
+
+
+def site_digest(site: "str | Site") -> str:
+    """8 hex digits of a site's every range: phantom folders are named by it, so data drawn
+    from an older definition of a site (another streak or bleed range) are never reused as if
+    they were drawn from the current one."""
+    return hashlib.sha256(repr(dataclasses.astuple(site_named(site))).encode()).hexdigest()[:8]
+
+
+def folder_name(seed: int, studies: int, slices: tuple[int, int], site: "str | Site") -> str:
+    """The default folder of a generated dataset: its arguments and its site's digest."""
+    site = site_named(site)
+    return f"seed{seed}-studies{studies}-slices{slices[0]}-{slices[1]}-{site.name}-{site_digest(site)}"
 
 
 @dataclass(frozen=True)

@@ -677,17 +677,16 @@ def prepare_data(config: TrainConfig) -> tuple[SliceCache, dict]:
         folder, card = Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
     else:
         lo, hi = config.synthetic_slices
-        from training.synthetic import site_named
+        from training.synthetic import folder_name, site_digest, site_named
 
-        faint = site_named(config.synthetic_site).faint_bleeds   # a folder per generator version
-        folder = Path(config.synthetic_dir or f"data/synthetic/seed{config.seed}-studies"
-                      f"{config.synthetic_studies}-slices{lo}-{hi}-{config.synthetic_site}"
-                      + (f"-faint{faint:g}" if faint else ""))
+        faint = site_named(config.synthetic_site).faint_bleeds
+        folder = Path(config.synthetic_dir or Path("data/synthetic") / folder_name(
+            config.seed, config.synthetic_studies, (lo, hi), config.synthetic_site))
         _phantoms(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
                   config.workers)
         card = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
                 "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site,
-                "faint_bleeds": faint}
+                "site_digest": site_digest(config.synthetic_site), "faint_bleeds": faint}
     cache = prepare(folder, cache_dir(config, folder), config.input_size, config.workers)
     return cache, {**card, "cache": str(cache.root)}
 
@@ -714,7 +713,9 @@ def heldout_sets(config: TrainConfig) -> dict[str, Path]:
         lo, hi = config.synthetic_slices
         seed = config.seed + HELDOUT_SEED_OFFSET
         root = Path(config.synthetic_dir).parent if config.synthetic_dir else Path("data/synthetic")
-        folder = root / f"seed{seed}-studies{config.site_studies}-slices{lo}-{hi}-{HELDOUT_SITE}"
+        from training.synthetic import folder_name
+
+        folder = root / folder_name(seed, config.site_studies, (lo, hi), HELDOUT_SITE)
         _phantoms(folder, config.site_studies, seed, (lo, hi), HELDOUT_SITE, config.workers)
         sets[HELDOUT_SITE] = folder
     return sets

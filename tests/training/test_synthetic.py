@@ -357,7 +357,7 @@ LEGACY_PIXEL_SUMS = np.array([41736561, 95111565, 119029537, 115194973, 83452446
                               120173368, 113226076, 19943673, -73584875, -1775186, -8153309, -94640754])
 
 
-@pytest.mark.parametrize("name", ["randomised", "site-d", "site-e"])
+@pytest.mark.parametrize("name", ["randomised", "site-d", "site-e", "site-f"])
 def test_each_study_draws_inside_its_sites_ranges(name):
     site = synthetic.SITES[name]
     draws = [synthetic._acquisition(17, i, site) for i in range(300)]
@@ -389,7 +389,7 @@ def test_faint_bleeds_draw_from_the_faint_end_and_leave_every_other_draw_alone()
         assert c.bleed_shift in (a.bleed_shift, b.bleed_shift)
         faint += c.bleed_shift == b.bleed_shift != a.bleed_shift
     assert site.faint_bleeds - 0.08 < faint / 300 < site.faint_bleeds + 0.08
-    assert all(synthetic.SITES[name].faint_bleeds == 0 for name in ("legacy", "site-d", "site-e"))
+    assert all(synthetic.SITES[name].faint_bleeds == 0 for name in ("legacy", "site-d", "site-e", "site-f"))
     # the held-out sets every figure in docs/training.md was measured on draw what they drew
     # before faint_bleeds existed (digest recorded from commit 0ba7689's generator)
     digest = hashlib.sha256()
@@ -400,8 +400,31 @@ def test_faint_bleeds_draw_from_the_faint_end_and_leave_every_other_draw_alone()
     assert digest.hexdigest() == "70bb84d5d73404c6dffe728212c63bcfed973a97ab0e3e4dc83ccb21243f6ccd"
 
 
+def test_site_f_is_the_training_site_with_only_its_streaks_pushed_out():
+    """site-f isolates one axis: a figure on it measures streaks beyond training's, nothing else."""
+    train, f = synthetic.SITES["randomised"], synthetic.SITES["site-f"]
+    assert dataclasses.replace(f, name=train.name, streaks=train.streaks,
+                               faint_bleeds=train.faint_bleeds) == train
+    assert f.streaks[0] > train.streaks[1] and f.faint_bleeds == 0
+
+
+def test_a_changed_site_definition_names_another_folder():
+    """Default phantom folders are reused when complete, so one drawn from an older definition
+    of a site (e.g. narrower streaks) must not carry the current definition's name."""
+    site = synthetic.SITES["randomised"]
+    same = dataclasses.replace(site)
+    wider = dataclasses.replace(site, streaks=(site.streaks[0], site.streaks[1] + 1.0))
+    assert synthetic.site_digest(same) == synthetic.site_digest("randomised")
+    assert synthetic.site_digest(wider) != synthetic.site_digest(site)
+    assert len({synthetic.site_digest(name) for name in synthetic.SITES}) == len(synthetic.SITES)
+    name = synthetic.folder_name(3, 20, (24, 36), "randomised")
+    assert name == f"seed3-studies20-slices24-36-randomised-{synthetic.site_digest(site)}"
+    assert name != synthetic.folder_name(3, 20, (24, 36), wider)
+
+
 @pytest.mark.parametrize("name,axes", [("site-d", ("noise_grain", "kernel", "head_scale")),
-                                       ("site-e", ("kernel", "head_scale", "hu_offset", "fov_mm"))])
+                                       ("site-e", ("kernel", "head_scale", "hu_offset", "fov_mm")),
+                                       ("site-f", ("streaks",))])
 def test_held_out_sites_lie_outside_the_training_ranges(name, axes):
     """A held-out site must be one the default training data never had."""
     train, held = synthetic.SITES[synthetic.DEFAULT_SITE], synthetic.SITES[name]

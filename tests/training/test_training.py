@@ -60,7 +60,8 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
         assert {"log_loss", "auc", "threshold", "recall", "precision", "specificity"} <= set(m["per_label"][label])
         assert m["per_label"][label]["threshold"] == card.slice_thresholds[label]
     assert m["split"] == "test" and m["study"]["studies"] == card.data["studies"]["test"]
-    assert card.data["site"] == "randomised"   # and the generator's version, which names the folder
+    assert card.data["site"] == "randomised"   # and the site's digest, which names default folders
+    assert card.data["site_digest"] == synthetic.site_digest("randomised")
     assert card.data["faint_bleeds"] == synthetic.SITES["randomised"].faint_bleeds > 0
     calibration = m["calibration"]["study"]
     if calibration["positive_studies"]:   # target study recall 0.95, chosen on calibration
@@ -83,7 +84,7 @@ def test_held_out_site_is_generated_apart_and_reported_on_its_own(run):
 
     card = ModelCard.read(run["artifact"])
     site = card.metrics["heldout"]["site-d"]
-    folder = run["root"] / "seed7922-studies3-slices8-12-site-d"
+    folder = run["root"] / synthetic.folder_name(7922, 3, (8, 12), "site-d")
     assert site["data"] == str(folder) and card.data["site"] == "randomised"
     files = sorted((folder / "stage_2_train").glob("*.dcm"))
     assert pydicom.dcmread(files[0]).InstitutionName == "ICH Watch phantom site site-d"
@@ -162,7 +163,7 @@ def test_resolved_config_history_and_plots_are_saved(run):
 
 
 def test_evaluate_cli_prints_metrics_json(run, tmp_path):
-    site = run["root"] / "seed7922-studies3-slices8-12-site-d"
+    site = run["root"] / synthetic.folder_name(7922, 3, (8, 12), "site-d")
     proc = subprocess.run(
         [sys.executable, "-m", "training.evaluate", "--model", str(run["root"] / "models" / "current"),
          "--data", str(run["phantoms"]), "--plots", str(tmp_path), "--heldout", str(site)],
