@@ -232,6 +232,19 @@ def study_metrics(studies: StudySet, rule: StudyRule) -> dict:
     }
 
 
+def best_specificity(studies: StudySet, rule: StudyRule, recall: float) -> float | None:
+    """The highest `any` study specificity any threshold gives under `rule` while alerting at
+    least `recall` of the bleeding studies: what the ranking leaves room for, whatever the
+    operating point (None without both kinds of study). A diagnosis only: it is chosen on the
+    studies it is measured on."""
+    truth, scores = studies.truth()[:, -1] > 0.5, studies.scores(rule)[:, -1]
+    if truth.all() or not truth.any():
+        return None
+    bleeds = np.sort(scores[truth])[::-1]
+    threshold = bleeds[math.ceil(recall * len(bleeds) - 1e-9) - 1]
+    return float(np.mean(scores[~truth] < threshold))
+
+
 def errors_by(studies: StudySet, rule: StudyRule, attributes: dict[str, dict[str, float]],
               bins: int = 3) -> dict:
     """Which studies `rule` gets wrong, by each numeric attribute of a study (e.g. a phantom's

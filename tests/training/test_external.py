@@ -1,0 +1,107 @@
+"""`python -m training.external`: the held-out sites at the card's and the calibration studies'
+operating point, against issue 12's bar, with the sets generated once and reused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ich.decision import StudyRule
+from ich.labels import LABELS
+from ich.model import ModelCard
+from tests.modelfactory import blood_detector
+from training import calibrate, external, synthetic
+from training.studies import Study, StudySet, best_specificity
+
+ARGS = ["--studies", "8", "--calibration-studies", "24", "--slices", "6", "8", "--workers", "1"]
+
+
+def _studies(bleeding, normal) -> StudySet:
+    """One-slice studies with these `any` scores."""
+    out = StudySet()
+    for i, (score, truth) in enumerate([(s, 1) for s in bleeding] + [(s, 0) for s in normal]):
+        out.append(Study(f"1.{i}", np.full((1, len(LABELS)), float(truth)),
+                         np.full((1, len(LABELS)), score), np.array(["s"]), np.array([0.0]),
+                         np.array([1.0])))
+    return out
+
+
+def test_best_specificity_is_the_best_any_threshold_allows_at_the_recall():
+    s = _studies([0.9, 0.8, 0.7, 0.2], [0.1, 0.3, 0.75, 0.85])
+    rule = StudyRule("max", 1)
+    assert best_specificity(s, rule, 0.75) == 0.5      # threshold 0.7: 0.1 and 0.3 stay silent
+    assert best_specificity(s, rule, 1.0) == 0.25      # threshold 0.2: only 0.1 does
+    assert best_specificity(_studies([0.9], []), rule, 0.95) is None
+
+
+def test_meets_needs_every_figure_of_the_bar():
+    assert external.meets({"auc": 0.97, "recall": 0.95, "specificity": 0.85})
+    assert not external.meets({"auc": 0.99, "recall": 0.949, "specificity": 1.0})
+    assert not external.meets({"auc": None, "recall": 1.0, "specificity": 1.0})
+
+
+def test_calibration_site_is_the_training_site_without_faint_emphasis():
+    site = external.calibration_site("randomised")
+    assert site.faint_bleeds == 0.0 < synthetic.SITES["randomised"].faint_bleeds
+    assert site.streaks == synthetic.SITES["randomised"].streaks
+    assert synthetic.site_digest(site) != synthetic.site_digest("randomised")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One external validation of the hand-weighted detector on tiny sets."""
+    root = tmp_path_factory.mktemp("external")
+    model = blood_detector(root / "models")
+    return root, model
+
+
+def test_external_validation_reports_each_site_at_both_points(run, capsys, caplog):
+    root, model = run
+    code = external.main(["--model", str(model), "--root", str(root / "data"), *ARGS])
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    assert set(result["sites"]) == {"site-d", "site-e", "site-f"}
+    assert code == 0
+    calibration = root / "data" / synthetic.folder_name(
+        external.CALIBRATION_SEED, 24, (6, 8), external.calibration_site("randomised"))
+    assert result["calibration"]["data"] == str(calibration)
+    # The calibration point is what `training.calibrate` writes for the same studies.
+    calibrated = calibrate.calibrate(model, calibration, root / "calibrated", "v")
+    assert result["calibration"]["threshold"] == pytest.approx(ModelCard.read(calibrated).thresholds["any"])
+    for name, seed in external.HELDOUT:
+        site = result["sites"][name]
+        assert site["data"] == str(root / "data" / synthetic.folder_name(seed, 8, (6, 8), name))
+        truth = _bleeding_studies(root / "data" / synthetic.folder_name(seed, 8, (6, 8), name))
+        for point in ("card", "calibration"):
+            figures = site[point]
+            assert figures["tp"] + figures["fn"] == truth and figures["tn"] + figures["fp"] == 8 - truth
+            assert figures["passed"] == external.meets(figures)
+        assert site["calibration"]["threshold"] == pytest.approx(ModelCard.read(calibrated).thresholds["any"])
+        assert site["card"]["threshold"] == ModelCard.read(model).rule().thresholds["any"]
+    assert result["passed"] == all(s["calibration"]["passed"] for s in result["sites"].values())
+    assert "| site-d (8) |" in printed.err and "calibration threshold" in printed.err
+
+
+def _bleeding_studies(folder) -> int:
+    """Bleeding studies of a generated folder, from its labels and headers."""
+    from training.data import read_trainset, slice_headers
+
+    trainset = read_trainset(folder)
+    studies = slice_headers(trainset.paths).studies
+    any_column = trainset.labels[:, LABELS.index("any")]
+    return len({s for s, a in zip(studies, any_column) if a > 0.5})
+
+
+def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
+    root, model = run
+    external.main(["--model", str(model), "--root", str(root / "data"), *ARGS])
+    first = json.loads(capsys.readouterr().out)
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "data").glob("*/stage_2_train.csv")}
+    caplog.clear()
+    code = external.main(["--model", str(model), "--root", str(root / "data"), "--check", *ARGS])
+    again = json.loads(capsys.readouterr().out)
+    assert "generating" not in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4
+    assert again["sites"] == first["sites"]
+    assert code == (0 if again["passed"] else 1)
