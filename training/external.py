@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,12 @@ def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_r
     forward = evaluate.compiled_forward(model)
 
     def study_set(folder: Path) -> "studies.StudySet":
+        start = time.perf_counter()
         _, _, y, p, headers, _ = evaluate.predict_folder(forward, card.input_size, folder, batch_size, workers)
-        return studies.StudySet.build(y, p, headers)
+        scored = studies.StudySet.build(y, p, headers)
+        log.info("scored %s: %d studies, %d slices in %.0f s", folder.name, len(scored), len(y),
+                 time.perf_counter() - start)
+        return scored
 
     rule = card.rule()
     chosen, rows = studies.choose_rule(study_set(calibration), target_recall, ((rule.name, rule.k),),

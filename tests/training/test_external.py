@@ -3,6 +3,7 @@ operating point, against issue 12's bar, with the sets generated once and reused
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -99,9 +100,11 @@ def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
     first = json.loads(capsys.readouterr().out)
     stamps = {p: p.stat().st_mtime_ns for p in (root / "data").glob("*/stage_2_train.csv")}
     caplog.clear()
+    caplog.set_level(logging.INFO)
     code = external.main(["--model", str(model), "--root", str(root / "data"), "--check", *ARGS])
     again = json.loads(capsys.readouterr().out)
-    assert "generating" not in caplog.text
+    assert "scored seed6160-studies8-" in caplog.text, "INFO is captured..."
+    assert "generating" not in caplog.text, "...and nothing was generated again"
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4
     assert again["sites"] == first["sites"]
     assert code == (0 if again["passed"] else 1)
