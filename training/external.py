@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--recall-confidence", type=float, default=0.0, metavar="C",
                    help="as in training.calibrate (default 0: recall on average)")
-    p.add_argument("--check", action="store_true", help="exit 1 unless the bar is met on every site")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 unless every site meets the bar at the calibration point")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
