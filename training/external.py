@@ -46,14 +46,10 @@ def calibration_site(name: str = "randomised"):
 def dataset(root: Path, site, seed: int, studies: int, slices: tuple[int, int], workers: int) -> Path:
     """The folder of `studies` phantoms of `site` under `root`, named as training names its own
     (`folder_name`), generated unless a complete one is there."""
-    from training.synthetic import TRAIN_CSV, folder_name, generate
+    from training.synthetic import folder_name, generate_once
 
-    folder = Path(root) / folder_name(seed, studies, slices, site)
-    if not (folder / TRAIN_CSV).is_file():   # the label CSV is written last: absent = incomplete
-        log.info("generating %d studies of %s (seed %d) in %s", studies, getattr(site, "name", site),
-                 seed, folder)
-        generate(folder, studies, seed, slices=slices, workers=workers, site=site, overwrite=True)
-    return folder
+    return generate_once(Path(root) / folder_name(seed, studies, slices, site), studies, seed, slices,
+                         site, workers)
 
 
 def meets(figures: dict) -> bool:

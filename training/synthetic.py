@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import logging
 import math
 import multiprocessing
 import os
@@ -53,6 +54,8 @@ TRAIN_DIR = "stage_2_train"
 TRAIN_CSV = "stage_2_train.csv"
 #: Each study's site draws (`acquisition_row`), beside the labels: what an error analysis needs to
 #: say which scanner or patient axis a model fails on (`training.studies.errors_by`).
+log = logging.getLogger(__name__)
+
 ACQUISITIONS_CSV = "acquisitions.csv"
 
 SLICE_SPACING_MM = 5.0
@@ -993,6 +996,23 @@ def acquisition_row(seed: int, index: int, site: "str | Site" = DEFAULT_SITE) ->
 
 _DRAWN = ("head_scale", "tilt", "fov_mm", "slice_mm", "noise_scale", "noise_grain", "kernel",
           "hu_offset", "cupping", "atrophy", "bleed_scale")
+
+
+
+def generate_once(folder, studies: int, seed: int, slices: tuple[int, int], site: "str | Site",
+                  workers: int | None = None) -> Path:
+    """`folder`, generated unless it already holds a complete dataset (its label CSV, written
+    last, is there): training, its held-out site and `training.external` reuse phantoms this way,
+    and regenerate a folder an interrupted run left half-written."""
+    folder = Path(folder)
+    if (folder / TRAIN_CSV).is_file():
+        log.info("reusing the phantom dataset in %s", folder)
+        return folder
+    log.info("generating %d phantom studies of site %s in %s", studies, site_named(site).name, folder)
+    summary = generate(folder, studies, seed, slices=slices, workers=workers or 2, overwrite=True, site=site)
+    log.info("phantoms: %d slices, positive fraction %.3f in %.0f s", summary["slices"],
+             summary["positive_fraction"], summary["seconds"])
+    return folder
 
 
 def read_acquisitions(folder) -> dict[str, dict[str, float]] | None:

@@ -677,12 +677,13 @@ def prepare_data(config: TrainConfig) -> tuple[SliceCache, dict]:
         folder, card = Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
     else:
         lo, hi = config.synthetic_slices
+        from training import synthetic
         from training.synthetic import folder_name, site_digest, site_named
 
         faint = site_named(config.synthetic_site).faint_bleeds
         folder = Path(config.synthetic_dir or Path("data/synthetic") / folder_name(
             config.seed, config.synthetic_studies, (lo, hi), config.synthetic_site))
-        _phantoms(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
+        synthetic.generate_once(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
                   config.workers)
         card = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
                 "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site,
@@ -713,24 +714,13 @@ def heldout_sets(config: TrainConfig) -> dict[str, Path]:
         lo, hi = config.synthetic_slices
         seed = config.seed + HELDOUT_SEED_OFFSET
         root = Path(config.synthetic_dir).parent if config.synthetic_dir else Path("data/synthetic")
+        from training import synthetic
         from training.synthetic import folder_name
 
         folder = root / folder_name(seed, config.site_studies, (lo, hi), HELDOUT_SITE)
-        _phantoms(folder, config.site_studies, seed, (lo, hi), HELDOUT_SITE, config.workers)
+        synthetic.generate_once(folder, config.site_studies, seed, (lo, hi), HELDOUT_SITE, config.workers)
         sets[HELDOUT_SITE] = folder
     return sets
-
-
-def _phantoms(folder: Path, studies: int, seed: int, slices, site: str, workers: int | None) -> None:
-    from training import synthetic
-
-    if (folder / "stage_2_train.csv").is_file():
-        log.info("reusing the phantom dataset in %s", folder)
-        return
-    log.info("generating %d phantom studies of site %s in %s", studies, site, folder)
-    summary = synthetic.generate(folder, studies, seed, slices=slices, workers=workers or 2, site=site)
-    log.info("phantoms: %d slices, positive fraction %.3f in %.0f s", summary["slices"],
-             summary["positive_fraction"], summary["seconds"])
 
 
 def score_heldout(model, config: TrainConfig, sets: dict[str, Path], slice_thresholds, rule) -> dict:

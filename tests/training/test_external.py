@@ -2,8 +2,10 @@
 operating point, against issue 12's bar, with the sets generated once and reused."""
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -51,17 +53,21 @@ def test_calibration_site_is_the_training_site_without_faint_emphasis():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One external validation of the hand-weighted detector on tiny sets."""
+    """One external validation of the hand-weighted detector on tiny sets: (root, model, exit
+    code, stdout, stderr)."""
     root = tmp_path_factory.mktemp("external")
     model = blood_detector(root / "models")
-    return root, model
+    with pytest.MonkeyPatch.context() as patch:
+        out, err = io.StringIO(), io.StringIO()
+        patch.setattr(sys, "stdout", out)
+        patch.setattr(sys, "stderr", err)
+        code = external.main(["--model", str(model), "--root", str(root / "data"), *ARGS])
+    return root, model, code, out.getvalue(), err.getvalue()
 
 
-def test_external_validation_reports_each_site_at_both_points(run, capsys, caplog):
-    root, model = run
-    code = external.main(["--model", str(model), "--root", str(root / "data"), *ARGS])
-    printed = capsys.readouterr()
-    result = json.loads(printed.out)
+def test_external_validation_reports_each_site_at_both_points(run):
+    root, model, code, out, err = run
+    result = json.loads(out)
     assert set(result["sites"]) == {"site-d", "site-e", "site-f"}
     assert code == 0
     calibration = root / "data" / synthetic.folder_name(
@@ -81,7 +87,7 @@ def test_external_validation_reports_each_site_at_both_points(run, capsys, caplo
         assert site["calibration"]["threshold"] == pytest.approx(ModelCard.read(calibrated).thresholds["any"])
         assert site["card"]["threshold"] == ModelCard.read(model).rule().thresholds["any"]
     assert result["passed"] == all(s["calibration"]["passed"] for s in result["sites"].values())
-    assert "| site-d (8) |" in printed.err and "calibration threshold" in printed.err
+    assert "| site-d (8) |" in err and "calibration threshold" in err
 
 
 def _bleeding_studies(folder) -> int:
@@ -95,15 +101,13 @@ def _bleeding_studies(folder) -> int:
 
 
 def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
-    root, model = run
-    external.main(["--model", str(model), "--root", str(root / "data"), *ARGS])
-    first = json.loads(capsys.readouterr().out)
+    root, model, _, out, _ = run
+    first = json.loads(out)
     stamps = {p: p.stat().st_mtime_ns for p in (root / "data").glob("*/stage_2_train.csv")}
-    caplog.clear()
     caplog.set_level(logging.INFO)
     code = external.main(["--model", str(model), "--root", str(root / "data"), "--check", *ARGS])
     again = json.loads(capsys.readouterr().out)
-    assert "scored seed6160-studies8-" in caplog.text, "INFO is captured..."
+    assert "scored seed6160-studies8-" in caplog.text and "reusing" in caplog.text, "INFO is captured..."
     assert "generating" not in caplog.text, "...and nothing was generated again"
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4
     assert again["sites"] == first["sites"]
