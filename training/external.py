@@ -11,6 +11,11 @@ studies' one against issue 12's bar (`BAR`). Every figure in docs/training.md si
 session was measured on these sets.
 
     python -m training.external --model models/current     # JSON on stdout, a table on stderr
+    python -m training.external --model models/current --scores var/external/current
+                                                            # and each set's slice scores (.npz)
+
+Saved scores (`read_scores`) go back through `judge` without a model: to compare models on the
+same studies, look at the studies one missed, or try a combination of models offline.
 
 About 20 minutes on 2 CPU cores (generation 4, scoring 16); the sets are reused afterwards.
 """
@@ -23,6 +28,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.studies import StudySet
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +67,50 @@ def meets(figures: dict) -> bool:
 
 
 def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_recall: float = 0.95,
-             confidence: float | None = None, batch_size: int = 32, workers: int = 2) -> dict:
+             confidence: float | None = None, batch_size: int = 32, workers: int = 2,
+             scores: Path | None = None) -> dict:
     """Each of `sets` at the card's operating point and at the one `calibration` gives the
-    card's rule; `passed` when every set meets `BAR` at the latter."""
+    card's rule; `passed` when every set meets `BAR` at the latter. With `scores`, each set's
+    per-slice scores are also written there (`write_scores`)."""
     from ich.model import load_artifact
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
     forward = evaluate.compiled_forward(model)
 
-    def study_set(folder: Path) -> "studies.StudySet":
+    def study_set(name: str, folder: Path) -> "studies.StudySet":
         start = time.perf_counter()
         _, _, y, p, headers, _ = evaluate.predict_folder(forward, card.input_size, folder, batch_size, workers)
         scored = studies.StudySet.build(y, p, headers)
         log.info("scored %s: %d studies, %d slices in %.0f s", folder.name, len(scored), len(y),
                  time.perf_counter() - start)
+        if scores is not None:
+            write_scores(Path(scores) / f"{name}.npz", y, p, headers, folder)
         return scored
 
-    rule = card.rule()
-    chosen, rows = studies.choose_rule(study_set(calibration), target_recall, ((rule.name, rule.k),),
-                                       confidence)
+    calibrated = study_set("calibration", calibration)
+    return judge(card.version, card.rule(), calibrated,
+                 {name: study_set(name, folder) for name, folder in sets.items()},
+                 target_recall, confidence,
+                 {"calibration": str(calibration), **{n: str(f) for n, f in sets.items()}})
+
+
+def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySet"],
+          target_recall: float = 0.95, confidence: float | None = None,
+          sources: dict[str, str] | None = None) -> dict:
+    """The figures of `validate` from scored studies: `rule` (the card's) as it stands, and
+    with its `any` threshold re-chosen on `calibration`. Takes any scores, so models can be
+    compared, or combined, from saved scores (`read_scores`) without scoring again."""
+    from training import studies
+
+    sources = sources or {}
+    chosen, rows = studies.choose_rule(calibration, target_recall, ((rule.name, rule.k),), confidence)
     points = {"card": rule, "calibration": chosen}
-    result = {"model": card.version, "bar": BAR, "target_recall": target_recall,
-              "calibration": {"data": str(calibration), **(rows[0] if rows else {})}, "sites": {}}
-    for name, folder in sets.items():
-        site = study_set(folder)
-        figures = {"data": str(folder), "studies": len(site),
+    result = {"model": version, "bar": BAR, "target_recall": target_recall,
+              "calibration": {"data": sources.get("calibration"), **(rows[0] if rows else {})},
+              "sites": {}}
+    for name, site in sites.items():
+        figures = {"data": sources.get(name), "studies": len(site),
                    "best_specificity": studies.best_specificity(site, rule, BAR["recall"])}
         for point, r in points.items():
             m = studies.study_metrics(site, r)
@@ -93,6 +120,32 @@ def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_r
         result["sites"][name] = figures
     result["passed"] = all(s["calibration"]["passed"] for s in result["sites"].values())
     return result
+
+
+def write_scores(path: Path, labels, probabilities, headers, folder: Path) -> Path:
+    """One set's per-slice labels and probabilities (model label order) with the header fields
+    the study rule needs, as .npz: what error analysis and model comparisons start from."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, labels=np.asarray(labels, np.float32),
+                        probabilities=np.asarray(probabilities, np.float32),
+                        studies=headers.studies, series=headers.series,
+                        positions=headers.positions, instances=headers.instances,
+                        folder=np.array(str(folder)))
+    return path
+
+
+def read_scores(path: Path) -> "StudySet":
+    """The studies `write_scores` saved."""
+    import numpy as np
+
+    from training.data import Headers
+    from training.studies import StudySet
+
+    with np.load(path, allow_pickle=False) as f:
+        headers = Headers(f["studies"], f["series"], f["positions"], f["instances"])
+        return StudySet.build(f["labels"], f["probabilities"], headers)
 
 
 def table(result: dict) -> str:
@@ -132,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--recall-confidence", type=float, default=0.0, metavar="C",
                    help="as in training.calibrate (default 0: recall on average)")
+    p.add_argument("--scores", type=Path, metavar="DIR",
+                   help="also write each set's per-slice scores to DIR/<set>.npz (read_scores)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless every site meets the bar at the calibration point")
     p.add_argument("--batch-size", type=int, default=32)
@@ -148,7 +203,7 @@ def main(argv=None) -> int:
         sets = {name: dataset(args.root, name, seed, args.studies, slices, args.workers)
                 for name, seed in HELDOUT}
         result = validate(args.model, sets, calibration, args.target_recall,
-                          args.recall_confidence or None, args.batch_size, args.workers)
+                          args.recall_confidence or None, args.batch_size, args.workers, args.scores)
     except (ArtifactError, DataError, ValueError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     print(json.dumps(result, indent=2))

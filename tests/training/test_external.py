@@ -61,7 +61,8 @@ def run(tmp_path_factory):
         out, err = io.StringIO(), io.StringIO()
         patch.setattr(sys, "stdout", out)
         patch.setattr(sys, "stderr", err)
-        code = external.main(["--model", str(model), "--root", str(root / "data"), *ARGS])
+        code = external.main(["--model", str(model), "--root", str(root / "data"),
+                              "--scores", str(root / "scores"), *ARGS])
     return root, model, code, out.getvalue(), err.getvalue()
 
 
@@ -98,6 +99,22 @@ def _bleeding_studies(folder) -> int:
     studies = slice_headers(trainset.paths).studies
     any_column = trainset.labels[:, LABELS.index("any")]
     return len({s for s, a in zip(studies, any_column) if a > 0.5})
+
+
+def test_saved_scores_give_the_same_figures_without_the_model(run):
+    """`--scores` writes every set's slice scores; `judge` on them reproduces the report."""
+    root, model, _, out, _ = run
+    result = json.loads(out)
+    saved = {p.stem: external.read_scores(p) for p in (root / "scores").glob("*.npz")}
+    assert set(saved) == {"calibration", "site-d", "site-e", "site-f"}
+    assert all(len(saved[name]) == site["studies"] for name, site in result["sites"].items())
+    calibration = saved.pop("calibration")
+    again = external.judge(result["model"], ModelCard.read(model).rule(), calibration, saved)
+    assert again["calibration"]["threshold"] == result["calibration"]["threshold"]
+    for name, site in result["sites"].items():
+        for point in ("card", "calibration"):
+            assert again["sites"][name][point] == site[point]
+        assert again["sites"][name]["best_specificity"] == site["best_specificity"]
 
 
 def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
