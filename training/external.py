@@ -17,7 +17,7 @@ session was measured on these sets.
 Saved scores (`read_scores`) go back through `judge` without a model: to compare models on the
 same studies, look at the studies one missed, or try a combination of models offline.
 
-About 20 minutes on 2 CPU cores (generation 4, scoring 16); the sets are reused afterwards.
+About 15-20 minutes on 2 CPU cores (generation 4, scoring 12-16); the sets are reused afterwards.
 """
 from __future__ import annotations
 
