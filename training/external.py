@@ -7,7 +7,9 @@ This generates the project's standard held-out sets once (`HELDOUT`: site-d, sit
 distribution without the faint-bleed emphasis, 160 studies), scores them, re-chooses the `any`
 threshold on the calibration studies under the card's study rule (as `training.calibrate` does,
 nothing written), and reports every site at the card's operating point and at the calibration
-studies' one against issue 12's bar (`BAR`). Every figure in docs/training.md since the sixth
+studies' one against issue 12's bar (`BAR`), with the band of `any` thresholds that
+would have met it on each site (None: the ranking fails; a band that misses the chosen
+threshold: the operating point does). Every figure in docs/training.md since the sixth
 session was measured on these sets.
 
     python -m training.external --model models/current     # JSON on stdout, a table on stderr
@@ -111,7 +113,8 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
               "sites": {}}
     for name, site in sites.items():
         figures = {"data": sources.get(name), "studies": len(site),
-                   "best_specificity": studies.best_specificity(site, rule, BAR["recall"])}
+                   "best_specificity": studies.best_specificity(site, rule, BAR["recall"]),
+                   "passing_band": studies.passing_band(site, rule, BAR["recall"], BAR["specificity"])}
         for point, r in points.items():
             m = studies.study_metrics(site, r)
             figures[point] = {**{k: m[k] for k in ("rule", "auc", "recall", "specificity", "tp", "fn",
@@ -155,11 +158,13 @@ def table(result: dict) -> str:
                 + ("✓" if p["passed"] else "✗"))
 
     lines = [f"{result['model']}: calibration threshold {result['calibration'].get('threshold', 0):.3f}",
-             "| site | study AUC | best specificity at recall 0.95 | card's point | calibration point |",
-             "|---|---|---|---|---|"]
+             "| site | study AUC | best specificity at recall 0.95 | `any` thresholds meeting the bar "
+             "| card's point | calibration point |",
+             "|---|---|---|---|---|---|"]
     for name, s in result["sites"].items():
-        auc, best = s["card"]["auc"], s["best_specificity"]
-        lines.append(f"| {name} ({s['studies']}) | {_fmt(auc)} | {_fmt(best)} | {cell(s['card'])} | "
+        auc, best, band = s["card"]["auc"], s["best_specificity"], s.get("passing_band")
+        band = f"({band[0]:.3f}, {band[1]:.3f}]" if band else "none"
+        lines.append(f"| {name} ({s['studies']}) | {_fmt(auc)} | {_fmt(best)} | {band} | {cell(s['card'])} | "
                      f"{cell(s['calibration'])} |")
     lines.append("bar met at the calibration point on every site" if result["passed"]
                  else "bar NOT met at the calibration point on every site")

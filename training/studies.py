@@ -245,6 +245,21 @@ def best_specificity(studies: StudySet, rule: StudyRule, recall: float) -> float
     return float(np.mean(scores[~truth] < threshold))
 
 
+def passing_band(studies: StudySet, rule: StudyRule, recall: float,
+                 specificity: float) -> tuple[float, float] | None:
+    """(lo, hi): every `any` threshold t with lo < t <= hi gives at least `recall` and
+    `specificity` under `rule` on these studies; None where no threshold does (or without both
+    kinds of study). A diagnosis, like `best_specificity`: a band that excludes the chosen
+    threshold says the operating point failed where the ranking would have passed."""
+    truth, scores = studies.truth()[:, -1] > 0.5, studies.scores(rule)[:, -1]
+    if truth.all() or not truth.any():
+        return None
+    bleeds, normals = np.sort(scores[truth])[::-1], np.sort(scores[~truth])
+    hi = bleeds[max(1, math.ceil(recall * len(bleeds) - 1e-9)) - 1]        # the k-th highest bleed
+    lo = normals[max(1, math.ceil(specificity * len(normals) - 1e-9)) - 1]  # the m-th lowest normal
+    return (float(lo), float(hi)) if lo < hi else None
+
+
 def errors_by(studies: StudySet, rule: StudyRule, attributes: dict[str, dict[str, float]],
               bins: int = 3) -> dict:
     """Which studies `rule` gets wrong, by each numeric attribute of a study (e.g. a phantom's

@@ -15,7 +15,7 @@ from ich.labels import LABELS
 from ich.model import ModelCard
 from tests.modelfactory import blood_detector
 from training import calibrate, external, synthetic
-from training.studies import Study, StudySet, best_specificity
+from training.studies import Study, StudySet, best_specificity, passing_band, study_metrics
 
 ARGS = ["--studies", "8", "--calibration-studies", "24", "--slices", "6", "8", "--workers", "1"]
 
@@ -36,6 +36,26 @@ def test_best_specificity_is_the_best_any_threshold_allows_at_the_recall():
     assert best_specificity(s, rule, 0.75) == 0.5      # threshold 0.7: 0.1 and 0.3 stay silent
     assert best_specificity(s, rule, 1.0) == 0.25      # threshold 0.2: only 0.1 does
     assert best_specificity(_studies([0.9], []), rule, 0.95) is None
+
+
+def test_passing_band_holds_every_threshold_that_meets_both_figures_and_no_other():
+    s = _studies([0.9, 0.8, 0.7, 0.2], [0.1, 0.3, 0.75, 0.85])
+    rule = StudyRule("max", 1)
+    assert passing_band(s, rule, 0.75, 0.5) == (0.3, 0.7)     # 0.3 itself alerts on the 0.3 normal
+    assert passing_band(s, rule, 0.75, 0.75) is None          # 3 silent normals need t > 0.75
+    assert passing_band(_studies([0.9, 0.5], [0.5, 0.1]), rule, 1.0, 1.0) is None   # a tie: no t
+    assert passing_band(_studies([0.9], []), rule, 0.95, 0.85) is None
+    rng = np.random.default_rng(3)
+    for _ in range(8):        # against the product's own figures at every threshold that matters
+        s = _studies(rng.beta(4, 1, 12), rng.beta(1, 4, 8))
+        band = passing_band(s, rule, 0.9, 0.85)
+        assert (band is not None) == (best_specificity(s, rule, 0.9) >= 0.85)
+        grid = np.unique(np.concatenate([[0.0, 1.0], s.scores(rule)[:, -1],
+                                         np.nextafter(s.scores(rule)[:, -1], 2.0)]))
+        for t in grid:
+            m = study_metrics(s, StudyRule("max", 1, {**rule.thresholds, "any": float(t)}))
+            meets = m["recall"] >= 0.9 and m["specificity"] >= 0.85
+            assert meets == (band is not None and band[0] < t <= band[1]), t
 
 
 def test_meets_needs_every_figure_of_the_bar():
@@ -88,7 +108,7 @@ def test_external_validation_reports_each_site_at_both_points(run):
         assert site["calibration"]["threshold"] == pytest.approx(ModelCard.read(calibrated).thresholds["any"])
         assert site["card"]["threshold"] == ModelCard.read(model).rule().thresholds["any"]
     assert result["passed"] == all(s["calibration"]["passed"] for s in result["sites"].values())
-    assert "| site-d (8) |" in err and "calibration threshold" in err
+    assert "| site-d (8) |" in err and "calibration threshold" in err and "meeting the bar" in err
 
 
 def _bleeding_studies(folder) -> int:
@@ -115,6 +135,8 @@ def test_saved_scores_give_the_same_figures_without_the_model(run):
         for point in ("card", "calibration"):
             assert again["sites"][name][point] == site[point]
         assert again["sites"][name]["best_specificity"] == site["best_specificity"]
+        band = again["sites"][name]["passing_band"]
+        assert (list(band) if band else None) == site["passing_band"]
 
 
 def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
