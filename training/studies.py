@@ -232,17 +232,30 @@ def study_metrics(studies: StudySet, rule: StudyRule) -> dict:
     }
 
 
+def _ranked(studies: StudySet, rule: StudyRule) -> tuple[np.ndarray, np.ndarray] | None:
+    """The `any` study scores under `rule`: bleeding studies' highest first, normal studies'
+    lowest first; None without both kinds of study."""
+    truth, scores = studies.truth()[:, -1] > 0.5, studies.scores(rule)[:, -1]
+    if truth.all() or not truth.any():
+        return None
+    return np.sort(scores[truth])[::-1], np.sort(scores[~truth])
+
+
+def _at_share(ranked: np.ndarray, share: float) -> float:
+    """The score that `share` of `ranked` reaches: its k-th entry, k = ceil(share × n), >= 1."""
+    return float(ranked[max(1, math.ceil(share * len(ranked) - 1e-9)) - 1])
+
+
 def best_specificity(studies: StudySet, rule: StudyRule, recall: float) -> float | None:
     """The highest `any` study specificity any threshold gives under `rule` while alerting at
     least `recall` of the bleeding studies: what the ranking leaves room for, whatever the
     operating point (None without both kinds of study). A diagnosis only: it is chosen on the
     studies it is measured on."""
-    truth, scores = studies.truth()[:, -1] > 0.5, studies.scores(rule)[:, -1]
-    if truth.all() or not truth.any():
+    ranked = _ranked(studies, rule)
+    if ranked is None:
         return None
-    bleeds = np.sort(scores[truth])[::-1]
-    threshold = bleeds[math.ceil(recall * len(bleeds) - 1e-9) - 1]
-    return float(np.mean(scores[~truth] < threshold))
+    bleeds, normals = ranked
+    return float(np.mean(normals < _at_share(bleeds, recall)))
 
 
 def passing_band(studies: StudySet, rule: StudyRule, recall: float,
@@ -251,13 +264,12 @@ def passing_band(studies: StudySet, rule: StudyRule, recall: float,
     `specificity` under `rule` on these studies; None where no threshold does (or without both
     kinds of study). A diagnosis, like `best_specificity`: a band that excludes the chosen
     threshold says the operating point failed where the ranking would have passed."""
-    truth, scores = studies.truth()[:, -1] > 0.5, studies.scores(rule)[:, -1]
-    if truth.all() or not truth.any():
+    ranked = _ranked(studies, rule)
+    if ranked is None:
         return None
-    bleeds, normals = np.sort(scores[truth])[::-1], np.sort(scores[~truth])
-    hi = bleeds[max(1, math.ceil(recall * len(bleeds) - 1e-9)) - 1]        # the k-th highest bleed
-    lo = normals[max(1, math.ceil(specificity * len(normals) - 1e-9)) - 1]  # the m-th lowest normal
-    return (float(lo), float(hi)) if lo < hi else None
+    bleeds, normals = ranked
+    hi, lo = _at_share(bleeds, recall), _at_share(normals, specificity)   # alerts: score >= t
+    return (lo, hi) if lo < hi else None
 
 
 def errors_by(studies: StudySet, rule: StudyRule, attributes: dict[str, dict[str, float]],

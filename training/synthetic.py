@@ -54,9 +54,8 @@ TRAIN_DIR = "stage_2_train"
 TRAIN_CSV = "stage_2_train.csv"
 #: Each study's site draws (`acquisition_row`), beside the labels: what an error analysis needs to
 #: say which scanner or patient axis a model fails on (`training.studies.errors_by`).
-log = logging.getLogger(__name__)
-
 ACQUISITIONS_CSV = "acquisitions.csv"
+log = logging.getLogger(__name__)
 
 SLICE_SPACING_MM = 5.0
 FOV_MM = 230.4                      # 0.45 mm pixels at 512², 0.9 mm at 256²
@@ -996,7 +995,6 @@ def acquisition_row(seed: int, index: int, site: "str | Site" = DEFAULT_SITE) ->
 
 _DRAWN = ("head_scale", "tilt", "fov_mm", "slice_mm", "noise_scale", "noise_grain", "kernel",
           "hu_offset", "cupping", "atrophy", "bleed_scale")
-
 
 
 def generate_once(folder, studies: int, seed: int, slices: tuple[int, int], site: "str | Site",

@@ -677,14 +677,13 @@ def prepare_data(config: TrainConfig) -> tuple[SliceCache, dict]:
         folder, card = Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
     else:
         lo, hi = config.synthetic_slices
-        from training import synthetic
-        from training.synthetic import folder_name, site_digest, site_named
+        from training.synthetic import folder_name, generate_once, site_digest, site_named
 
         faint = site_named(config.synthetic_site).faint_bleeds
         folder = Path(config.synthetic_dir or Path("data/synthetic") / folder_name(
             config.seed, config.synthetic_studies, (lo, hi), config.synthetic_site))
-        synthetic.generate_once(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
-                  config.workers)
+        generate_once(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
+                      config.workers)
         card = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
                 "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site,
                 "site_digest": site_digest(config.synthetic_site), "faint_bleeds": faint}
@@ -714,11 +713,10 @@ def heldout_sets(config: TrainConfig) -> dict[str, Path]:
         lo, hi = config.synthetic_slices
         seed = config.seed + HELDOUT_SEED_OFFSET
         root = Path(config.synthetic_dir).parent if config.synthetic_dir else Path("data/synthetic")
-        from training import synthetic
-        from training.synthetic import folder_name
+        from training.synthetic import folder_name, generate_once
 
         folder = root / folder_name(seed, config.site_studies, (lo, hi), HELDOUT_SITE)
-        synthetic.generate_once(folder, config.site_studies, seed, (lo, hi), HELDOUT_SITE, config.workers)
+        generate_once(folder, config.site_studies, seed, (lo, hi), HELDOUT_SITE, config.workers)
         sets[HELDOUT_SITE] = folder
     return sets
 
