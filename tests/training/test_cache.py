@@ -103,7 +103,7 @@ def test_prepare_resumes_after_an_interruption_and_reuses_a_complete_cache(phant
     assert "is complete" in caplog.text and "decoding" not in caplog.text
 
 
-def test_a_cache_that_does_not_fit_is_refused_in_one_line(phantoms, prepared, tmp_path):
+def test_a_cache_that_does_not_fit_is_refused_in_one_line(phantoms, prepared, tmp_path, capsys):
     root, _ = phantoms
     out, _ = prepared
     with pytest.raises(CacheError, match="prepared at input size 75, not 96"):
@@ -121,31 +121,38 @@ def test_a_cache_that_does_not_fit_is_refused_in_one_line(phantoms, prepared, tm
     with pytest.raises(CacheError, match="not complete"):
         SliceCache.open(unfinished)
     # the training CLI: exit 2, one line, before any training
-    proc = _train(["--data", str(out), "--input-size", "96", "--out", str(tmp_path / "m")])
-    assert proc.returncode == 2 and _error_lines(proc) == [
+    code, err = _train(["--data", str(out), "--input-size", "96", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and _error_lines(err) == [
         f"error: {out} was prepared at input size 75, not 96: prepare another cache "
         "(python -m training.prepare --input-size 96)"]
 
 
-def test_bad_weights_file_and_label_file_are_named_before_any_work(tmp_path):
-    proc = _train(["--data", str(tmp_path), "--weights", str(tmp_path / "nope.h5")])
-    assert proc.returncode == 2 and len(_error_lines(proc)) == 1
+def test_bad_weights_file_and_label_file_are_named_before_any_work(tmp_path, capsys):
+    """The command itself once (its exit status, no traceback), then main() in this process."""
+    proc = subprocess.run([sys.executable, "-m", "training", "--data", str(tmp_path), "--weights",
+                           str(tmp_path / "nope.h5")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(_error_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr
     assert f"--weights {tmp_path / 'nope.h5'}: no such file" in proc.stderr
     (tmp_path / "stage_2_train").mkdir()
     (tmp_path / "stage_2_train.csv").write_text("image,label\n")
-    proc = _train(["--data", str(tmp_path), "--input-size", "75", "--out", str(tmp_path / "m")])
-    assert proc.returncode == 2 and len(_error_lines(proc)) == 1 and "expected the header ID,Label" in proc.stderr
+    code, err = _train(["--data", str(tmp_path), "--input-size", "75", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and len(_error_lines(err)) == 1 and "expected the header ID,Label" in err
     (tmp_path / "stage_2_train.csv").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))   # gzip
-    proc = _train(["--data", str(tmp_path), "--input-size", "75", "--out", str(tmp_path / "m")])
-    assert proc.returncode == 2 and len(_error_lines(proc)) == 1 and "is not a CSV label file" in proc.stderr
-    proc = _train(["--data", str(tmp_path / "absent"), "--input-size", "75", "--out", str(tmp_path / "m")])
-    assert proc.returncode == 2 and len(_error_lines(proc)) == 1 and "cannot read" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, err = _train(["--data", str(tmp_path), "--input-size", "75", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and len(_error_lines(err)) == 1 and "is not a CSV label file" in err
+    code, err = _train(["--data", str(tmp_path / "absent"), "--input-size", "75", "--out", str(tmp_path / "m")],
+                       capsys)
+    assert code == 2 and len(_error_lines(err)) == 1 and "cannot read" in err
 
 
-def _train(argv):
-    return subprocess.run([sys.executable, "-m", "training", *argv], capture_output=True, text=True, timeout=300)
+def _train(argv, capsys) -> tuple[int, str]:
+    """`python -m training` in this process (TensorFlow is imported once): exit code, stderr."""
+    from training.__main__ import main
+
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
 
 
-def _error_lines(proc) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error") or "Traceback" in line]

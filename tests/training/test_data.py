@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ich.labels import LABELS
+from tests.modelfactory import LOOP_ENGINE
 from training import config, data, synthetic
 from training.train import MyDeepModel, lr_schedule
 
@@ -216,7 +217,8 @@ def test_weight_decay_shrinks_the_weights_apart_from_the_gradient():
     AdamW multiplies every weight by 1 − lr·wd; the weight average (--ema) is kept."""
     import tensorflow as tf
 
-    deep = MyDeepModel(input_dims=(75, 75, 3), learning_rate=0.1, weight_decay=0.5, ema=0.9, verbose=0)
+    deep = MyDeepModel(engine=LOOP_ENGINE, input_dims=(75, 75, 3), learning_rate=0.1, weight_decay=0.5,
+                       ema=0.9, verbose=0)
     opt, variables = deep.model.optimizer, deep.model.trainable_variables
     assert opt.use_ema and opt.ema_momentum == 0.9
     before = [v.numpy().copy() for v in variables]
@@ -226,7 +228,7 @@ def test_weight_decay_shrinks_the_weights_apart_from_the_gradient():
     kept = {v.path: b for v, b in zip(variables, before) if v.path.split("/")[-1] in ("bias", "gamma", "beta")}
     assert any(p.startswith("ich/") for p in kept)     # the output bias holds the label priors
     assert all(np.array_equal(v.numpy(), kept[v.path]) for v in variables if v.path in kept)
-    plain = MyDeepModel(input_dims=(75, 75, 3), learning_rate=0.1, verbose=0)
+    plain = MyDeepModel(engine=LOOP_ENGINE, input_dims=(75, 75, 3), learning_rate=0.1, verbose=0)
     kept = [v.numpy().copy() for v in plain.model.trainable_variables]
     plain.model.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in plain.model.trainable_variables])
     assert all(np.array_equal(v.numpy(), k) for v, k in zip(plain.model.trainable_variables, kept))
@@ -407,7 +409,7 @@ def test_study_sampling_draws_each_bleeding_study_alike(cache):
 
 
 def test_prior_correction_shifts_every_logit_back_and_can_be_made_permanent():
-    deep = MyDeepModel(input_dims=(75, 75, 3), weights=None, verbose=0)
+    deep = MyDeepModel(engine=LOOP_ENGINE, input_dims=(75, 75, 3), weights=None, verbose=0)
     deep.logit_shift = float(np.log(4.0))
     x = np.random.default_rng(0).random((2, 75, 75, 3), np.float32)
 
@@ -445,7 +447,7 @@ def test_platt_scaling_fixes_overconfidence_and_bakes_into_the_model():
     few[:3, 0] = 1
     assert LABELS[0] not in fit_platt(few, p)
 
-    deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, verbose=0)
+    deep = MyDeepModel(engine=LOOP_ENGINE, input_dims=(75, 75, 3), batch_size=4, verbose=0)
     x = rng.random((3, 75, 75, 3), dtype=np.float32)
     before = np.asarray(deep.model(x, training=False))
     deep.apply_platt(platt)
@@ -458,8 +460,8 @@ def test_weight_averaging_validates_and_keeps_the_average_and_trains_on_its_own_
     weights (with BatchNorm statistics recomputed for it); outside validation the network
     trains on its own weights, which the average never overwrites."""
     ts = cache.slices
-    deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, num_epochs=2, steps_per_epoch=3,
-                       validate_from=2, bn_recalibrate=1, bn_momentum=0.9, ema=0.5, verbose=0)
+    deep = MyDeepModel(engine=LOOP_ENGINE, input_dims=(75, 75, 3), batch_size=4, num_epochs=2,
+                       steps_per_epoch=3, validate_from=2, bn_recalibrate=1, bn_momentum=0.9, ema=0.5, verbose=0)
     own_at_epoch_end = []
 
     class Spy(__import__("keras").callbacks.Callback):
@@ -485,7 +487,8 @@ def test_weight_averaging_validates_and_keeps_the_average_and_trains_on_its_own_
     # a resumed run (BackupAndRestore's weights file) continues the same average
     saved = tmp_path / "ema.weights.h5"
     deep.model.save_weights(saved)
-    resumed = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, bn_momentum=0.9, ema=0.5, verbose=0)
+    resumed = MyDeepModel(engine=LOOP_ENGINE, input_dims=(75, 75, 3), batch_size=4, bn_momentum=0.9,
+                          ema=0.5, verbose=0)
     resumed.model.optimizer.build(resumed.model.trainable_variables)
     resumed.model.load_weights(saved)
     assert all(np.array_equal(r.numpy(), a) for r, a in

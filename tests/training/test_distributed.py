@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ich.model import ModelCard
+from tests.modelfactory import LOOP_ENGINE
 
 #: Two logical CPU devices must be configured before TensorFlow starts: its own process.
 MIRRORED = textwrap.dedent("""
@@ -37,13 +38,13 @@ MIRRORED = textwrap.dedent("""
 
     # Augmentation on the device, as `--augment-on auto` chooses with GPUs: HU augmentation,
     # windows and the geometric layers run inside each replica's training step.
-    deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, num_epochs=2, verbose=2,
+    deep = MyDeepModel(engine=sys.argv[4], input_dims=(75, 75, 3), batch_size=4, num_epochs=2, verbose=2,
                        steps_per_epoch=2, validate_from=2, strategy=strategy, run_dir=sys.argv[2],
                        hu_augment=HUAugment(), augment_on="device")
     history = deep.fit_model(cache.slices.take(np.arange(16)), cache.slices.take(np.arange(16, 24)), cache)
     exported = deep.export_model()
     x = next(iter(cache.batches(cache.slices, 8, training=False)))[0]
-    card = ModelCard(version="mirrored", engine="InceptionV3", input_size=75, thresholds={})
+    card = ModelCard(version="mirrored", engine=sys.argv[4], input_size=75, thresholds={})
     loaded, _ = load_artifact(save_artifact(exported, card, sys.argv[3]))
     print(json.dumps({
         "replicas": deep.replicas, "global_batch": deep.global_batch,
@@ -61,7 +62,7 @@ def test_mirrored_strategy_on_two_devices_exports_the_model_it_trained(phantoms,
 
     cache = prepare(phantoms, tmp_path / "cache", 75, processes=1)
     proc = subprocess.run([sys.executable, "-c", MIRRORED, str(cache.root), str(tmp_path / "run"),
-                           str(tmp_path / "models")], capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "models"), LOOP_ENGINE], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2 and len(result["devices"]) == 2          # one copy per device
@@ -83,7 +84,8 @@ def test_a_run_killed_after_its_first_epoch_resumes_where_it_stopped(phantoms, t
     """With progressive resizing, as the recipe trains: epoch 1 at 80², killed, epoch 2 at
     96² in the resumed process (the small phase is not redone)."""
     out = tmp_path / "models"
-    argv = [sys.executable, "-m", "training", "--synthetic-studies", "4", "--synthetic-slices", "6", "8",
+    argv = [sys.executable, "-m", "training", "--engine", LOOP_ENGINE,
+            "--synthetic-studies", "4", "--synthetic-slices", "6", "8",
             "--synthetic-dir", str(phantoms), "--site-studies", "0", "--input-size", "96",
             "--early-size", "80", "--full-epochs", "1",
             "--batch-size", "4", "--epochs", "2", "--steps-per-epoch", "2", "--seed", "5",
@@ -137,7 +139,8 @@ def test_two_workers_train_one_model_with_multi_worker_mirrored_strategy(phantom
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
                                                       "task": {"type": "worker", "index": index}})}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "training", "--data", str(cache.root), "--input-size", "75",
+            [sys.executable, "-m", "training", "--engine", LOOP_ENGINE, "--data", str(cache.root),
+             "--input-size", "75",
              "--batch-size", "4", "--epochs", "2", "--steps-per-epoch", "2", "--seed", "5",
              "--out", str(out), "--version", "two-workers", "--verbose", "2", "--allow-failed"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
@@ -167,7 +170,7 @@ def test_mixed_precision_computes_in_bf16_and_exports_a_float32_model():
     from training.train import MyDeepModel, _all_layers, weights_digest
 
     with precision("bf16"):
-        deep = MyDeepModel(input_dims=(75, 75, 3), batch_size=4, verbose=0)
+        deep = MyDeepModel(engine=LOOP_ENGINE, input_dims=(75, 75, 3), batch_size=4, verbose=0)
     assert keras.config.dtype_policy().name == "float32"          # restored after the block
     convs = [layer for layer in _all_layers(deep.model) if isinstance(layer, keras.layers.Conv2D)]
     assert convs[0].compute_dtype == "bfloat16" and convs[0].variable_dtype == "float32"

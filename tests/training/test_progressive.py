@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.modelfactory import LOOP_ENGINE
 from training import config
 from training.config import ConfigError, early_epochs
 
@@ -33,7 +34,7 @@ def test_the_model_trained_at_two_sizes_exports_the_input_size_with_the_same_wei
     from training.data import DevicePreprocess
     from training.train import MyDeepModel, weights_digest
 
-    deep = MyDeepModel(input_dims=(96, 96, 3), batch_size=4, num_epochs=3, verbose=0,
+    deep = MyDeepModel(engine=LOOP_ENGINE, input_dims=(96, 96, 3), batch_size=4, num_epochs=3, verbose=0,
                        early_size=80, early_epochs=2)
     assert deep.phases() == [(0, 2, 80), (2, 3, 96)]
     x = np.random.default_rng(0).random((2, 96, 96, 3), np.float32)
@@ -45,7 +46,8 @@ def test_the_model_trained_at_two_sizes_exports_the_input_size_with_the_same_wei
     assert np.abs(np.asarray(exported(x, training=False)) - np.asarray(deep.model(x, training=False))).max() < 1e-5
     # no early size below the input size, or no early epochs: one phase, a fixed-size model
     for kwargs in ({"early_size": 96, "early_epochs": 2}, {"early_size": 80, "early_epochs": 0}):
-        plain = MyDeepModel(input_dims=(96, 96, 3), batch_size=4, num_epochs=3, verbose=0, **kwargs)
+        plain = MyDeepModel(engine=LOOP_ENGINE, input_dims=(96, 96, 3), batch_size=4, num_epochs=3, verbose=0,
+                            **kwargs)
         assert plain.phases() == [(0, 3, 96)] and plain.model.input_shape == (None, 96, 96, 3)
     # on an accelerator the training step shrinks the augmented windows itself
     hu = tf.random.uniform((3, 96, 96), -100, 100)

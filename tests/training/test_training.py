@@ -13,6 +13,7 @@ import pytest
 from ich.labels import LABELS
 from ich.model import ModelCard, load_artifact
 from training import data as training_data, synthetic
+from tests.modelfactory import LOOP_ENGINE
 from training.__main__ import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -209,7 +210,7 @@ def test_a_model_that_learned_nothing_is_refused_and_not_promoted(run, tmp_path,
     draw = training_data.study_balanced
     monkeypatch.setattr(training_data, "study_balanced",
                         lambda rows, groups, seed, **kw: balanced.append(groups) or draw(rows, groups, seed, **kw))
-    code = main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
+    code = main(["--engine", LOOP_ENGINE, "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--input-size", "75", "--batch-size", "8", "--epochs", "1",
                  "--steps-per-epoch", "1", "--verbose", "0", "--seed", "4", "--out", str(out),
                  "--version", "nosignal-1", "--promote",
                  "--flip-average",    # calibrated, judged and exported as the mirror-averaging graph
