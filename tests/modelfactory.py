@@ -62,12 +62,14 @@ def blood_detector(root: Path, version: str = "test-detector-1", min_pixels: flo
 
 
 def random_inception(root: Path, version: str = "test-inception-1", status: str = "ok",
-                     flip_average: bool = False) -> Path:
+                     flip_average: bool = False, engine: str = "InceptionV3") -> Path:
     """`status="failed"`: a card that says training's quality check failed. `flip_average`:
-    the graph that averages each slice with its mirror (`ich.model.build_model`)."""
-    model = build_model("InceptionV3", SIZE, weights=None, flip_average=flip_average)
+    the graph that averages each slice with its mirror (`ich.model.build_model`). `engine`:
+    LOOP_ENGINE where what is tested is the card or the graph around the engine."""
+    model = build_model(engine, SIZE, weights=None, flip_average=flip_average)
     verdict = {"passed": False, "reasons": ["held-out any AUC 0.500 < 0.75"]} if status == "failed" else {}
-    return _publish(model, ModelCard(version=version, input_size=SIZE, status=status, verdict=verdict), root)
+    card = ModelCard(version=version, engine=engine, input_size=SIZE, status=status, verdict=verdict)
+    return _publish(model, card, root)
 
 
 def _publish(model, card: ModelCard, root: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The scoring hot path step by step, in-process, with the production InceptionV3 at 75×75."""
+"""The scoring hot path step by step, in-process, with the production InceptionV3 at 96×96
+(tests.modelfactory.SIZE); the refused and the flip-averaged artifact are LOOP_ENGINE graphs."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ from ich.model import ArtifactError
 from ich.queue import SliceMeta, SliceQueue
 from ich.settings import Settings
 from tests.ctfactory import ct_dataset, enhanced_ct, lesion_hu, to_bytes
-from tests.modelfactory import SIZE, random_inception
+from tests.modelfactory import LOOP_ENGINE, SIZE, random_inception
 from worker.scoring import Scorer
 from worker.study import SliceResult
 
@@ -49,7 +50,7 @@ def test_model_card_and_thresholds_are_applied(scorer):
 
 
 def test_a_model_that_failed_its_quality_check_is_refused_unless_forced(redis_url, tmp_path):
-    failed = random_inception(tmp_path / "models", "failed-1", status="failed")
+    failed = random_inception(tmp_path / "models", "failed-1", status="failed", engine=LOOP_ENGINE)
     client = redis.Redis.from_url(redis_url)
     with pytest.raises(ArtifactError, match="quality check.*any AUC 0.500"):
         Scorer(Settings.from_env({"ICH_REDIS_URL": redis_url}), client, failed)
@@ -70,13 +71,13 @@ def test_a_flip_averaged_artifact_is_served_with_the_plain_models_weights(redis_
 
     from ich.model import build_model
 
-    folder = random_inception(tmp_path / "models", "flip-1", flip_average=True)
+    folder = random_inception(tmp_path / "models", "flip-1", flip_average=True, engine=LOOP_ENGINE)
     served = Scorer(Settings.from_env({"ICH_REDIS_URL": redis_url}), redis.Redis.from_url(redis_url), folder)
     x = np.random.default_rng(5).random((3, SIZE, SIZE, 3), dtype=np.float32)
     mirrored = x[:, :, ::-1].copy()
     p = served.predict(x)
     np.testing.assert_allclose(served.predict(mirrored), p, atol=1e-6)
-    plain = build_model("InceptionV3", SIZE)
+    plain = build_model(LOOP_ENGINE, SIZE)
     plain.set_weights(served.model.get_weights())
     logit = lambda q: np.log(q / (1 - q))   # noqa: E731
     halves = (logit(np.asarray(plain(x, training=False))) + logit(np.asarray(plain(mirrored, training=False)))) / 2
