@@ -34,7 +34,7 @@ MIN_STUDIES = 5
 
 def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = None,
               target_recall: float = 0.95, study_rule: str = "keep", batch_size: int = 32,
-              workers: int = 2, confidence: float | None = None) -> Path:
+              workers: int = 2, confidence: float | None = None, placement: float | None = None) -> Path:
     """Write `<out>/<version>`: the model of `model_dir` with thresholds chosen on `data_dir`."""
     from ich.model import MODEL_FILE, load_artifact
     from training import evaluate, studies
@@ -53,7 +53,7 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
         candidates = ((rule.name, rule.k),)
     else:
         candidates = studies.candidates(study_rule)
-    rule, table = studies.choose_rule(local, target_recall, candidates, confidence)
+    rule, table = studies.choose_rule(local, target_recall, candidates, confidence, placement)
     slice_thresholds = evaluate.choose_thresholds(y, p, target_recall)
     version = version or f"{card.version}-site-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     site = {"data": str(data_dir), "from_version": card.version, "target_recall": target_recall,
@@ -110,6 +110,9 @@ def main(argv=None) -> int:
                    help="how sure that recall must be, e.g. 0.9 (default 0: on average); with "
                         "few local bleeding studies the weakest is kept and the card says how "
                         "sure that is")
+    p.add_argument("--gap-placement", type=float, metavar="F",
+                   help="where the any threshold sits in the gap, in logits, in (0, 1]: 0 is the "
+                        "highest normal study below the ranked bleed, 1 that bleed (default: training.studies.GAP_PLACEMENT)")
     p.add_argument("--study-rule", default="keep",
                    help="keep (the card's rule, default) | auto | max | consecutive-K | topk-K")
     p.add_argument("--out", type=Path, default=Path("models"), help="artifact root (default models)")
@@ -124,10 +127,12 @@ def main(argv=None) -> int:
         p.exit(2, "error: --target-recall must be in (0, 1]\n")
     if not 0 <= args.recall_confidence < 1:
         p.exit(2, "error: --recall-confidence must be in [0, 1)\n")
+    if args.gap_placement is not None and not 0 < args.gap_placement <= 1:
+        p.exit(2, "error: --gap-placement must be in (0, 1]\n")
     try:
         folder = calibrate(args.model, args.data, args.out, args.version, args.target_recall,
                            args.study_rule, args.batch_size, args.workers,
-                           args.recall_confidence or None)
+                           args.recall_confidence or None, args.gap_placement)
     except (ArtifactError, DataError, ValueError, FileExistsError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     from ich.model import ModelCard

@@ -80,6 +80,7 @@ class TrainConfig:
     # thresholds and export
     target_recall: float | None = 0.95       # STUDY recall on calibration; None: max rule, any 0.15
     recall_confidence: float = 0.0           # ...held on new studies with this confidence (0: on average)
+    gap_placement: float | None = None       # any threshold within calibration's gap (None: studies.GAP_PLACEMENT)
     slice_target_recall: float | None = 0.95  # slice-level operating points (reported, not served)
     study_rule: str = "auto"                 # auto | max | consecutive-K | topk-K
     allow_failed: bool = False               # export and promote even if the quality check fails
@@ -125,6 +126,9 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
         if not 0 <= self.recall_confidence < 1:
             raise ConfigError("--recall-confidence must be in [0, 1) (0: the expected-recall rank)")
+        if self.gap_placement is not None and not 0 < self.gap_placement <= 1:
+            raise ConfigError("--gap-placement must be in (0, 1] (towards 0: the highest normal "
+                              "study below the ranked bleed; 1: that bleed)")
         if self.positive_fraction is not None and not 0 < self.positive_fraction < 1:
             raise ConfigError("--positive-fraction must be in (0, 1)")
         if self.positive_sampling not in POSITIVE_SAMPLING:
@@ -337,6 +341,10 @@ def parser() -> argparse.ArgumentParser:
                    help="how sure the any threshold must be that recall on NEW studies reaches "
                         "--target-recall (training-conditional conformal, e.g. 0.9; default 0: "
                         "on average; the card reports the confidence reached either way)")
+    p.add_argument("--gap-placement", type=float, metavar="F",
+                   help="where the any threshold sits in calibration's gap, in logits, in (0, 1]: 0 is "
+                        "the highest normal study below the ranked bleed, 1 that bleed (default: "
+                        "training.studies.GAP_PLACEMENT)")
     p.add_argument("--platt", action=argparse.BooleanOptionalAction,
                    help="fit per-label Platt scaling on the calibration split and bake it into the "
                         "output layer (default on)")

@@ -70,7 +70,7 @@ def meets(figures: dict) -> bool:
 
 def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_recall: float = 0.95,
              confidence: float | None = None, batch_size: int = 32, workers: int = 2,
-             scores: Path | None = None) -> dict:
+             scores: Path | None = None, placement: float | None = None) -> dict:
     """Each of `sets` at the card's operating point and at the one `calibration` gives the
     card's rule; `passed` when every set meets `BAR` at the latter. With `scores`, each set's
     per-slice scores are also written there (`write_scores`)."""
@@ -94,19 +94,20 @@ def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_r
     return judge(card.version, card.rule(), calibrated,
                  {name: study_set(name, folder) for name, folder in sets.items()},
                  target_recall, confidence,
-                 {"calibration": str(calibration), **{n: str(f) for n, f in sets.items()}})
+                 {"calibration": str(calibration), **{n: str(f) for n, f in sets.items()}}, placement)
 
 
 def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySet"],
           target_recall: float = 0.95, confidence: float | None = None,
-          sources: dict[str, str] | None = None) -> dict:
+          sources: dict[str, str] | None = None, placement: float | None = None) -> dict:
     """The figures of `validate` from scored studies: `rule` (the card's) as it stands, and
     with its `any` threshold re-chosen on `calibration`. Takes any scores, so models can be
     compared, or combined, from saved scores (`read_scores`) without scoring again."""
     from training import studies
 
     sources = sources or {}
-    chosen, rows = studies.choose_rule(calibration, target_recall, ((rule.name, rule.k),), confidence)
+    chosen, rows = studies.choose_rule(calibration, target_recall, ((rule.name, rule.k),), confidence,
+                                       placement)
     points = {"card": rule, "calibration": chosen}
     result = {"model": version, "bar": BAR, "target_recall": target_recall,
               "calibration": {"data": sources.get("calibration"), **(rows[0] if rows else {})},
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--recall-confidence", type=float, default=0.0, metavar="C",
                    help="as in training.calibrate (default 0: recall on average)")
+    p.add_argument("--gap-placement", type=float, metavar="F",
+                   help="as in training.calibrate (default: training.studies.GAP_PLACEMENT)")
     p.add_argument("--scores", type=Path, metavar="DIR",
                    help="also write each set's per-slice scores to DIR/<set>.npz (read_scores)")
     p.add_argument("--check", action="store_true",
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
+    if args.gap_placement is not None and not 0 < args.gap_placement <= 1:
+        p.exit(2, "error: --gap-placement must be in (0, 1]\n")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     slices = tuple(args.slices)
@@ -208,7 +213,8 @@ def main(argv=None) -> int:
         sets = {name: dataset(args.root, name, seed, args.studies, slices, args.workers)
                 for name, seed in HELDOUT}
         result = validate(args.model, sets, calibration, args.target_recall,
-                          args.recall_confidence or None, args.batch_size, args.workers, args.scores)
+                          args.recall_confidence or None, args.batch_size, args.workers, args.scores,
+                          args.gap_placement)
     except (ArtifactError, DataError, ValueError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     print(json.dumps(result, indent=2))

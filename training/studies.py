@@ -8,9 +8,9 @@ truly bleeding slice the alert fires, replaying arrival in instance order exactl
 would see it.
 
 The operating point is chosen on calibration studies (`choose_rule`): each candidate rule gets,
-for `any`, the threshold in the middle (in logits) of the gap between the weakest bleeds the
-target study recall keeps on new studies (split-conformal, `conformal_rank`: on average, or
-with a stated confidence) and the highest normal study below them, and for each subtype the
+for `any`, a threshold at `GAP_PLACEMENT` (in logits) of the gap between the highest normal
+study below the weakest bleeds the target study recall keeps on new studies (split-conformal,
+`conformal_rank`: on average, or with a stated confidence) and those bleeds, and for each subtype the
 same around the threshold of best Youden's J (`study_threshold`); the
 candidate with the best calibration specificity on `any` wins, then the one with the widest gap
 (the most robust separation), then AUC, then the simpler rule. Figures are then reported on test
@@ -34,6 +34,13 @@ from training.evaluate import _pyplot, auc, counts, logit, sigmoid
 #: reaches for the weakest calibration bleed, an outlier, and on held-out sites gained 2 bleeds
 #: for 15 normal studies alerted across five sets, so it is an option, not the default.
 RECALL_CONFIDENCE: float | None = None
+
+#: Where the `any` threshold sits within calibration's gap, in logits, from the highest normal
+#: study below the ranked bleed (0, excluded: it would alert) to that bleed (1): 0.5 is the
+#: max-margin midpoint. Lower
+#: favours recall on a new site whose bleeds score lower than calibration's (docs/training.md,
+#: "Placement within calibration's gap"). Subtypes keep the midpoint.
+GAP_PLACEMENT = 0.5
 
 #: The rules measured by default; the first is the plain "max over slices".
 CANDIDATES: tuple[tuple[str, int], ...] = (("max", 1), ("consecutive", 2), ("consecutive", 3),
@@ -132,7 +139,8 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
 
 
 def study_threshold(y, scores, target_recall: float | None,
-                    confidence: float | None = RECALL_CONFIDENCE) -> tuple[float | None, float]:
+                    confidence: float | None = RECALL_CONFIDENCE,
+                    placement: float = 0.5) -> tuple[float | None, float]:
     """The operating point of one label on calibration studies, and its gap in logits.
 
     With `target_recall` (the `any` alert), t_hi is the k-th highest score of the P positive
@@ -145,8 +153,11 @@ def study_threshold(y, scores, target_recall: float | None,
     t_hi sits on the weakest bleeds kept, so a slightly weaker bleed is missed. The threshold is
     therefore the midpoint, in logits, of that gap (a max-margin choice; measured on the first
     phantom model: t_hi kept 27 of 30 test bleeds, the midpoint 30 of 30, the same normals
-    silent). Returns (None, 0) without positive studies (or, for Youden, without normal ones).
+    silent), or the point at `placement` of the way up from the normal (0) to t_hi (1).
+    Returns (None, 0) without positive studies (or, for Youden, without normal ones).
     """
+    if not 0 < placement <= 1:   # 0 would sit on the normal study, which then alerts
+        raise ValueError(f"placement within the gap must be in (0, 1], not {placement}")
     y, scores = np.asarray(y) > 0.5, np.asarray(scores, np.float64)
     if target_recall is not None and y.any():
         positives = np.sort(scores[y])[::-1]
@@ -165,13 +176,15 @@ def study_threshold(y, scores, target_recall: float | None,
         return high, 0.0
     low = float(below.max())
     gap = float(logit(high) - logit(low))
-    return float(sigmoid((logit(high) + logit(low)) / 2)), round(gap, 4)
+    return float(sigmoid(logit(low) + placement * (logit(high) - logit(low)))), round(gap, 4)
 
 
 def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDIDATES,
-                confidence: float | None = RECALL_CONFIDENCE) -> tuple[StudyRule, list[dict]]:
+                confidence: float | None = RECALL_CONFIDENCE,
+                placement: float | None = None) -> tuple[StudyRule, list[dict]]:
     """The rule and per-label study thresholds for `target_recall` (held on new studies with
-    `confidence`), chosen on `studies` (calibration). Returns the rule and one row per candidate
+    `confidence`), chosen on `studies` (calibration), the `any` threshold at `placement` of its
+    gap (None: GAP_PLACEMENT). Returns the rule and one row per candidate
     (what each achieved, and the confidence its `any` threshold reached), for the model card.
     Without a target, or without positive calibration studies, `max` with the default
     thresholds."""
@@ -186,7 +199,9 @@ def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDI
         thresholds, gap = dict(DEFAULT_THRESHOLDS), 0.0
         for i, label in enumerate(LABELS):
             t, label_gap = study_threshold(truth[:, i], scores[:, i],
-                                           target_recall if label == ANY else None, confidence)
+                                           target_recall if label == ANY else None, confidence,
+                                           (GAP_PLACEMENT if placement is None else placement)
+                                           if label == ANY else 0.5)
             if t is not None:
                 thresholds[label] = float(min(max(t, 1e-7), 1 - 1e-7))
                 gap = label_gap if label == ANY else gap
@@ -194,7 +209,8 @@ def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDI
         point = _point(truth[:, -1], scores[:, -1] >= thresholds[ANY])
         a = auc(truth[:, -1], scores[:, -1])
         rows.append({"rule": str(rule), "threshold": thresholds[ANY], "auc": a, **point,
-                     "gap_logit": gap, "recall_confidence": reached})
+                     "gap_logit": gap, "gap_placement": GAP_PLACEMENT if placement is None else placement,
+                     "recall_confidence": reached})
         key = (point["specificity"] or 0.0, gap, a or 0.0, -rank)
         if best_key is None or key > best_key:
             best, best_key = rule, key

@@ -823,7 +823,7 @@ def run(config: TrainConfig) -> Path | None:
     slice_thresholds = evaluate.choose_thresholds(v.y, v.p, config.slice_target_recall)
     rule, candidates = studies.choose_rule(calib_studies, config.target_recall,
                                            studies.candidates(config.study_rule),
-                                           config.recall_confidence or None)
+                                           config.recall_confidence or None, config.gap_placement)
     results = {**evaluate.metrics(test_y, test_p, slice_thresholds), "split": "test",
                "study": studies.study_metrics(test_studies, rule),
                "calibration": {"weighted_log_loss": evaluate.weighted_log_loss(v.y, v.p),

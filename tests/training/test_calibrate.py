@@ -67,10 +67,15 @@ def test_site_calibration_writes_a_new_version_with_local_thresholds(detector, c
     assert "training.calibrate" in card.notes
 
 
-def test_too_few_local_studies_are_refused(detector, tmp_path):
+def test_too_few_local_studies_are_refused(detector, tmp_path, capsys):
     _, model, _ = detector
     small = _site(tmp_path / "small", 2, 3)
     with pytest.raises(SystemExit) as exit_info:
         calibrate.main(["--model", str(model), "--data", str(small), "--out", str(tmp_path / "m")])
     assert exit_info.value.code == 2
     assert not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as exit_info:      # refused before anything is scored
+        calibrate.main(["--model", str(model), "--data", str(small), "--out", str(tmp_path / "m"),
+                        "--gap-placement", "0"])
+    assert exit_info.value.code == 2 and not (tmp_path / "m").exists()
+    assert "--gap-placement must be in (0, 1]" in capsys.readouterr().err

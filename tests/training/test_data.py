@@ -354,6 +354,10 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
     with pytest.raises(config.ConfigError, match="--recall-confidence"):
         config.load(["--data", "d", "--recall-confidence", "1"])
     assert config.load(["--data", "d", "--recall-confidence", "0"]).recall_confidence == 0
+    with pytest.raises(config.ConfigError, match="--gap-placement"):
+        config.load(["--data", "d", "--gap-placement", "0"])
+    assert config.load(["--data", "d", "--gap-placement", "0.3"]).gap_placement == 0.3
+    assert config.load(["--data", "d"]).gap_placement is None      # studies.GAP_PLACEMENT
     sites = config.load(["--synthetic-studies", "9", "--heldout", "a", "--heldout", "b"])
     assert (sites.synthetic_site, sites.site_studies, sites.heldout) == ("randomised", 60, ["a", "b"])
 

@@ -137,6 +137,15 @@ def test_saved_scores_give_the_same_figures_without_the_model(run):
         assert again["sites"][name]["best_specificity"] == site["best_specificity"]
         band = again["sites"][name]["passing_band"]
         assert (list(band) if band else None) == site["passing_band"]
+    # The threshold's place in calibration's gap moves it between the gap's ends, nothing else.
+    low, high = (external.judge(result["model"], ModelCard.read(model).rule(), calibration, saved,
+                                placement=f) for f in (0.01, 1.0))
+    assert low["calibration"]["gap_placement"] == 0.01 and high["calibration"]["gap_placement"] == 1.0
+    assert low["calibration"]["threshold"] <= again["calibration"]["threshold"] <= high["calibration"]["threshold"]
+    assert low["calibration"]["tn"] == high["calibration"]["tn"] == again["calibration"]["tn"]
+    with pytest.raises(SystemExit) as refused:
+        external.main(["--model", str(model), "--gap-placement", "1.5"])
+    assert refused.value.code == 2
 
 
 def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):

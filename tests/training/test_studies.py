@@ -91,6 +91,15 @@ def test_threshold_sits_mid_gap_below_the_bleeds_the_target_recall_keeps():
     assert rows[0]["gap_logit"] == pytest.approx(logit(t_hi) - logit(normal_below), abs=1e-4)
     assert np.sum(scores[truth] >= t) >= 19
     assert np.sum(scores[~truth] >= t) == np.sum(scores[~truth] >= t_hi)
+    # Placed lower in the gap (recall first): the same calibration figures, a lower threshold.
+    low, rows = studies.choose_rule(calibration, 0.9, candidates=[("max", 1)], placement=0.3)
+    assert logit(low.thresholds[ANY]) == pytest.approx(logit(normal_below)
+                                                       + 0.3 * (logit(t_hi) - logit(normal_below)))
+    assert normal_below < low.thresholds[ANY] < t and rows[0]["gap_placement"] == 0.3
+    assert np.sum(scores[~truth] >= low.thresholds[ANY]) == np.sum(scores[~truth] >= t_hi)
+    assert low.thresholds["subdural"] == rule.thresholds["subdural"]        # subtypes: midpoint
+    with pytest.raises(ValueError, match="placement"):
+        studies.choose_rule(calibration, 0.9, candidates=[("max", 1)], placement=1.5)
     # No normal study below t_hi: t_hi itself.
     only_bleeds = make_set(bleeds(10, rng))
     alone, _ = studies.choose_rule(only_bleeds, 0.9, candidates=[("max", 1)], confidence=None)
