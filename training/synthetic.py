@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import logging
 import math
 import multiprocessing
@@ -55,6 +56,8 @@ TRAIN_CSV = "stage_2_train.csv"
 #: Each study's site draws (`acquisition_row`), beside the labels: what an error analysis needs to
 #: say which scanner or patient axis a model fails on (`training.studies.errors_by`).
 ACQUISITIONS_CSV = "acquisitions.csv"
+#: What a folder was generated from (`manifest`): reusing it under other arguments is refused.
+MANIFEST_JSON = "phantoms.json"
 log = logging.getLogger(__name__)
 
 SLICE_SPACING_MM = 5.0
@@ -997,14 +1000,44 @@ _DRAWN = ("head_scale", "tilt", "fov_mm", "slice_mm", "noise_scale", "noise_grai
           "hu_offset", "cupping", "atrophy", "bleed_scale")
 
 
+def manifest(studies: int, seed: int, slices, site: "str | Site", prevalence: float = 0.14) -> dict:
+    """The arguments a dataset was generated from, as MANIFEST_JSON holds them."""
+    site = site_named(site)
+    return {"studies": studies, "seed": seed, "slices": [int(s) for s in slices], "site": site.name,
+            "site_digest": site_digest(site), "prevalence": prevalence}
+
+
+def read_manifest(folder) -> dict | None:
+    """The arguments `folder`'s phantoms were generated from (MANIFEST_JSON); None where there
+    is none (data from elsewhere, or generated before manifests existed)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST_JSON).read_text())
+    except FileNotFoundError:
+        return None
+
+
 def generate_once(folder, studies: int, seed: int, slices: tuple[int, int], site: "str | Site",
                   workers: int | None = None) -> Path:
     """`folder`, generated unless it already holds a complete dataset (its label CSV, written
     last, is there): training, its held-out site and `training.external` reuse phantoms this way,
-    and regenerate a folder an interrupted run left half-written."""
+    and regenerate a folder an interrupted run left half-written. A complete dataset generated
+    from other arguments (another seed in the same `--synthetic-dir`) is reused as it is, with a
+    warning naming what differs; `read_manifest` says what it holds (the model card records that)."""
     folder = Path(folder)
     if (folder / TRAIN_CSV).is_file():
-        log.info("reusing the phantom dataset in %s", folder)
+        held = read_manifest(folder)
+        if held is None:   # generated before manifests existed: cannot be checked
+            log.warning("reusing the phantom dataset in %s without %s: its arguments are not checked",
+                        folder, MANIFEST_JSON)
+            return folder
+        differ = {k: (held.get(k), v) for k, v in manifest(studies, seed, slices, site).items()
+                  if held.get(k) != v}
+        if differ:
+            log.warning("reusing the phantom dataset in %s, generated with other arguments (%s): "
+                        "these phantoms, not the ones asked for; another folder gets new ones",
+                        folder, ", ".join(f"{k} {h} here, {w} asked" for k, (h, w) in differ.items()))
+        else:
+            log.info("reusing the phantom dataset in %s", folder)
         return folder
     log.info("generating %d phantom studies of site %s in %s", studies, site_named(site).name, folder)
     summary = generate(folder, studies, seed, slices=slices, workers=workers or 2, overwrite=True, site=site)
@@ -1076,7 +1109,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
     """Write `studies` phantom studies of `site` to `out` in RSNA layout; return a summary.
 
     The label CSV is written last (atomically), so its presence marks a complete dataset;
-    ACQUISITIONS_CSV, each study's site draws, just before it.
+    ACQUISITIONS_CSV, each study's site draws, and MANIFEST_JSON, the arguments, just before it.
     Refuses a folder that already holds a dataset unless `overwrite`.
     """
     if studies < 0:
@@ -1093,6 +1126,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
         path.unlink()
     csv_path.unlink(missing_ok=True)
     (out / ACQUISITIONS_CSV).unlink(missing_ok=True)
+    (out / MANIFEST_JSON).unlink(missing_ok=True)
     images.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -1104,6 +1138,7 @@ def generate(out, studies: int, seed: int, prevalence: float = 0.14,
         per_study = [_write_study(job) for job in jobs]
     rows = [row for study in per_study for row in study]
     _write_acquisitions(out / ACQUISITIONS_CSV, [acquisition_row(seed, i, site) for i in range(studies)])
+    (out / MANIFEST_JSON).write_text(json.dumps(manifest(studies, seed, slices, site, prevalence)) + "\n")
 
     tmp = csv_path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:

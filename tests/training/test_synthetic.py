@@ -6,6 +6,8 @@ import csv
 import dataclasses
 import hashlib
 import io
+import json
+import logging
 import re
 import shutil
 import subprocess
@@ -330,6 +332,29 @@ def test_cli_writes_a_dataset_and_refuses_to_mix_into_one(tmp_path, capsys):
         synthetic.main(argv)
     assert exit_info.value.code == 2
     assert synthetic.main([*argv, "--overwrite"]) == 0
+
+
+def test_a_reused_folder_says_what_it_holds_and_warns_where_that_was_not_asked(tmp_path, caplog):
+    """Training with `--synthetic-dir` reuses a complete folder; asked for another seed, it
+    says so, and `read_manifest` gives what the card must record: the seed it holds."""
+    folder = synthetic.generate_once(tmp_path / "p", 2, 4, (3, 4), "randomised", 1)
+    assert synthetic.read_manifest(folder) == synthetic.manifest(2, 4, (3, 4), "randomised")
+    stamp = (folder / synthetic.TRAIN_CSV).stat().st_mtime_ns
+    caplog.set_level(logging.INFO)
+    assert synthetic.generate_once(folder, 2, 4, (3, 4), "randomised", 1) == folder
+    assert "reusing" in caplog.text and "WARNING" not in caplog.text
+    for args, named in (((2, 5, (3, 4), "randomised"), "seed 4 here, 5 asked"),
+                        ((3, 4, (3, 4), "randomised"), "studies 2 here, 3 asked"),
+                        ((2, 4, (3, 4), "site-d"), "site randomised here, site-d asked")):
+        caplog.clear()
+        assert synthetic.generate_once(folder, *args, 1) == folder
+        assert [r.levelname for r in caplog.records] == ["WARNING"] and named in caplog.text
+    assert (folder / synthetic.TRAIN_CSV).stat().st_mtime_ns == stamp      # nothing overwritten
+    assert synthetic.read_manifest(folder)["seed"] == 4
+    (folder / synthetic.MANIFEST_JSON).unlink()        # a folder from before manifests
+    caplog.clear()
+    assert synthetic.generate_once(folder, 2, 5, (3, 4), "randomised", 1) == folder
+    assert "not checked" in caplog.text and synthetic.read_manifest(folder) is None
 
 
 # ----------------------------------------------------------------------------- sites

@@ -64,6 +64,7 @@ def test_model_card_holds_thresholds_metrics_and_data(run):
     assert card.data["site"] == "randomised"   # and the site's digest, which names default folders
     assert card.data["site_digest"] == synthetic.site_digest("randomised")
     assert card.data["faint_bleeds"] == synthetic.SITES["randomised"].faint_bleeds > 0
+    assert card.data["seed"] == 5      # the phantoms it reused (trained with --seed 3)
     calibration = m["calibration"]["study"]
     if calibration["positive_studies"]:   # target study recall 0.95, chosen on calibration
         assert calibration["recall"] >= 0.95 and len(m["calibration"]["rules"]) == 5
