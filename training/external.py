@@ -15,9 +15,12 @@ session was measured on these sets.
     python -m training.external --model models/current     # JSON on stdout, a table on stderr
     python -m training.external --model models/current --scores var/external/current
                                                             # and each set's slice scores (.npz)
+    python -m training.external --from-scores var/external/current --gap-placement 0.3
+                                                            # judged again from them, no model
 
-Saved scores (`read_scores`) go back through `judge` without a model: to compare models on the
-same studies, look at the studies one missed, or try a combination of models offline.
+Saved scores (`read_scores`, `judge_saved`) go back through `judge` without a model: to try
+another operating-point choice, compare models on the same studies, look at the studies one
+missed, or try a combination of models offline.
 
 About 15-20 minutes on 2 CPU cores (generation 4, scoring 12-16); the sets are reused afterwards.
 """
@@ -79,6 +82,9 @@ def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_r
 
     model, card = load_artifact(model_dir)
     forward = evaluate.compiled_forward(model)
+    if scores is not None:      # the card beside the scores: `judge_saved` needs nothing else
+        Path(scores).mkdir(parents=True, exist_ok=True)
+        card.write(Path(scores))
 
     def study_set(name: str, folder: Path) -> "studies.StudySet":
         start = time.perf_counter()
@@ -152,13 +158,34 @@ def read_scores(path: Path) -> "StudySet":
         return StudySet.build(f["labels"], f["probabilities"], headers)
 
 
+def judge_saved(folder: Path, target_recall: float = 0.95, confidence: float | None = None,
+                placement: float | None = None) -> dict:
+    """`judge` on a `--scores` folder (its card, `calibration.npz` and each HELDOUT site's
+    .npz): the report again, or at another operating-point choice, in seconds and without the
+    model (docs/external-scores keeps such folders)."""
+    from ich.model import ModelCard
+
+    folder = Path(folder)
+    names = ["calibration", *(name for name, _ in HELDOUT)]
+    missing = [f"{n}.npz" for n in names if not (folder / f"{n}.npz").is_file()]
+    if missing:
+        raise ValueError(f"{folder} lacks {', '.join(missing)}: not a --scores folder")
+    card = ModelCard.read(folder)
+    sets = {name: read_scores(folder / f"{name}.npz") for name in names}
+    calibration = sets.pop("calibration")
+    return judge(card.version, card.rule(), calibration, sets, target_recall, confidence,
+                 {name: str(folder / f"{name}.npz") for name in names}, placement)
+
+
 def table(result: dict) -> str:
     """The result as a markdown table: bleeds alerted and normals silent at each point."""
     def cell(p: dict) -> str:
         return (f"{p['tp']}/{p['tp'] + p['fn']}, {p['tn']}/{p['tn'] + p['fp']} "
                 + ("✓" if p["passed"] else "✗"))
 
-    lines = [f"{result['model']}: calibration threshold {result['calibration'].get('threshold', 0):.3f}",
+    chosen = result["calibration"]
+    lines = [f"{result['model']}: calibration threshold {chosen.get('threshold', 0):.3f}"
+             + (f" (gap placement {chosen['gap_placement']})" if "gap_placement" in chosen else ""),
              "| site | study AUC | best specificity at recall 0.95 | `any` thresholds meeting the bar "
              "| card's point | calibration point |",
              "|---|---|---|---|---|---|"]
@@ -177,12 +204,14 @@ def _fmt(value: float | None) -> str:
 
 
 def main(argv=None) -> int:
-    from ich.model import ArtifactError, ModelCard
+    from ich.model import ArtifactError
     from training.data import DataError
-    from training.synthetic import site_named
 
     p = argparse.ArgumentParser(prog="python -m training.external", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=Path, help="artifact folder (e.g. models/current)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="artifact folder (e.g. models/current)")
+    source.add_argument("--from-scores", type=Path, metavar="DIR",
+                        help="judge a --scores folder again (its card and saved scores), no model")
     p.add_argument("--root", type=Path, default=Path("data/synthetic"),
                    help="where the sets are generated and reused (default data/synthetic)")
     p.add_argument("--studies", type=int, default=300, help="studies per held-out site (default 300)")
@@ -206,20 +235,31 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     slices = tuple(args.slices)
     try:
-        training_site = ModelCard.read(args.model).data.get("site") or "randomised"
-        site_named(training_site)
-        calibration = dataset(args.root, calibration_site(training_site), CALIBRATION_SEED,
-                              args.calibration_studies, slices, args.workers)
-        sets = {name: dataset(args.root, name, seed, args.studies, slices, args.workers)
-                for name, seed in HELDOUT}
-        result = validate(args.model, sets, calibration, args.target_recall,
-                          args.recall_confidence or None, args.batch_size, args.workers, args.scores,
-                          args.gap_placement)
+        if args.from_scores is not None:
+            result = judge_saved(args.from_scores, args.target_recall, args.recall_confidence or None,
+                                 args.gap_placement)
+        else:
+            result = _validate_model(args, slices)
     except (ArtifactError, DataError, ValueError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     print(json.dumps(result, indent=2))
     print(table(result), file=sys.stderr)
     return 1 if args.check and not result["passed"] else 0
+
+
+def _validate_model(args, slices: tuple[int, int]) -> dict:
+    """`validate` as the command line asks: the sets generated (once) under `--root`."""
+    from ich.model import ModelCard
+    from training.synthetic import site_named
+
+    training_site = ModelCard.read(args.model).data.get("site") or "randomised"
+    site_named(training_site)
+    calibration = dataset(args.root, calibration_site(training_site), CALIBRATION_SEED,
+                          args.calibration_studies, slices, args.workers)
+    sets = {name: dataset(args.root, name, seed, args.studies, slices, args.workers)
+            for name, seed in HELDOUT}
+    return validate(args.model, sets, calibration, args.target_recall, args.recall_confidence or None,
+                    args.batch_size, args.workers, args.scores, args.gap_placement)
 
 
 if __name__ == "__main__":

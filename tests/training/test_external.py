@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import sys
 
 import numpy as np
@@ -146,6 +147,26 @@ def test_saved_scores_give_the_same_figures_without_the_model(run):
     with pytest.raises(SystemExit) as refused:
         external.main(["--model", str(model), "--gap-placement", "1.5"])
     assert refused.value.code == 2
+
+
+def test_a_scores_folder_is_judged_again_without_the_model(run, capsys, tmp_path):
+    root, model, _, out, _ = run
+    result = json.loads(out)
+    assert ModelCard.read(root / "scores") == ModelCard.read(model)     # --scores keeps the card
+    assert external.main(["--from-scores", str(root / "scores")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["sites"].keys() == result["sites"].keys()
+    for name, site in result["sites"].items():
+        assert again["sites"][name]["calibration"] == site["calibration"]
+        assert again["sites"][name]["card"] == site["card"]
+    assert external.main(["--from-scores", str(root / "scores"), "--gap-placement", "1"]) == 0
+    edge = json.loads(capsys.readouterr().out)["calibration"]
+    assert edge["gap_placement"] == 1 and edge["threshold"] >= result["calibration"]["threshold"]
+    (tmp_path / "partial").mkdir()
+    shutil.copy(root / "scores" / "calibration.npz", tmp_path / "partial")
+    with pytest.raises(SystemExit) as refused:
+        external.main(["--from-scores", str(tmp_path / "partial")])
+    assert refused.value.code == 2 and "lacks site-d.npz, site-e.npz, site-f.npz" in capsys.readouterr().err
 
 
 def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
