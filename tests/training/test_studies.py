@@ -77,7 +77,8 @@ def test_chooses_the_neighbour_rule_when_normals_have_isolated_spikes():
 def test_threshold_sits_mid_gap_below_the_bleeds_the_target_recall_keeps():
     rng = np.random.default_rng(2)
     calibration = make_set(bleeds(20, rng) + spiky_normals(5, rng))
-    rule, rows = studies.choose_rule(calibration, 0.9, candidates=[("max", 1)], confidence=None)
+    rule, rows = studies.choose_rule(calibration, 0.9, candidates=[("max", 1)], confidence=None,
+                                     placement=0.5)
     scores = calibration.scores(rule)[:, -1]
     truth = calibration.truth()[:, -1] > 0
     t = rule.thresholds[ANY]
@@ -100,6 +101,10 @@ def test_threshold_sits_mid_gap_below_the_bleeds_the_target_recall_keeps():
     assert low.thresholds["subdural"] == rule.thresholds["subdural"]        # subtypes: midpoint
     with pytest.raises(ValueError, match="placement"):
         studies.choose_rule(calibration, 0.9, candidates=[("max", 1)], placement=1.5)
+    default, rows = studies.choose_rule(calibration, 0.9, candidates=[("max", 1)])
+    assert rows[0]["gap_placement"] == studies.GAP_PLACEMENT
+    assert logit(default.thresholds[ANY]) == pytest.approx(
+        logit(normal_below) + studies.GAP_PLACEMENT * (logit(t_hi) - logit(normal_below)))
     # No normal study below t_hi: t_hi itself.
     only_bleeds = make_set(bleeds(10, rng))
     alone, _ = studies.choose_rule(only_bleeds, 0.9, candidates=[("max", 1)], confidence=None)
