@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                         "sure that is")
     p.add_argument("--gap-placement", type=float, metavar="F",
                    help="where the any threshold sits in the gap, in logits, in (0, 1]: 0 is the "
-                        "highest normal study below the ranked bleed, 1 that bleed (default: training.studies.GAP_PLACEMENT)")
+                        "highest normal study below the ranked bleed, 1 that bleed (default: "
+                        "training.studies.GAP_PLACEMENT)")
     p.add_argument("--study-rule", default="keep",
                    help="keep (the card's rule, default) | auto | max | consecutive-K | topk-K")
     p.add_argument("--out", type=Path, default=Path("models"), help="artifact root (default models)")

@@ -10,8 +10,8 @@ would see it.
 The operating point is chosen on calibration studies (`choose_rule`): each candidate rule gets,
 for `any`, a threshold at `GAP_PLACEMENT` (in logits) of the gap between the highest normal
 study below the weakest bleeds the target study recall keeps on new studies (split-conformal,
-`conformal_rank`: on average, or with a stated confidence) and those bleeds, and for each subtype the
-same around the threshold of best Youden's J (`study_threshold`); the
+`conformal_rank`: on average, or with a stated confidence) and those bleeds, and for each
+subtype the midpoint around the threshold of best Youden's J (`study_threshold`); the
 candidate with the best calibration specificity on `any` wins, then the one with the widest gap
 (the most robust separation), then AUC, then the simpler rule. Figures are then reported on test
 studies that chose nothing.
@@ -37,9 +37,8 @@ RECALL_CONFIDENCE: float | None = None
 
 #: Where the `any` threshold sits within calibration's gap, in logits, from the highest normal
 #: study below the ranked bleed (0, excluded: it would alert) to that bleed (1): 0.5 is the
-#: max-margin midpoint. Lower
-#: favours recall on a new site whose bleeds score lower than calibration's (docs/training.md,
-#: "Placement within calibration's gap"). Subtypes keep the midpoint.
+#: max-margin midpoint; lower favours recall on a new site whose bleeds score lower than
+#: calibration's (docs/training.md, "Placement within calibration's gap"). Subtypes keep 0.5.
 GAP_PLACEMENT = 0.5
 
 #: The rules measured by default; the first is the plain "max over slices".

@@ -56,7 +56,7 @@ TRAIN_CSV = "stage_2_train.csv"
 #: Each study's site draws (`acquisition_row`), beside the labels: what an error analysis needs to
 #: say which scanner or patient axis a model fails on (`training.studies.errors_by`).
 ACQUISITIONS_CSV = "acquisitions.csv"
-#: What a folder was generated from (`manifest`): reusing it under other arguments is refused.
+#: What a folder was generated from (`manifest`): reused under other arguments, it says so.
 MANIFEST_JSON = "phantoms.json"
 log = logging.getLogger(__name__)
 
@@ -1011,9 +1011,13 @@ def read_manifest(folder) -> dict | None:
     """The arguments `folder`'s phantoms were generated from (MANIFEST_JSON); None where there
     is none (data from elsewhere, or generated before manifests existed)."""
     try:
-        return json.loads((Path(folder) / MANIFEST_JSON).read_text())
+        held = json.loads((Path(folder) / MANIFEST_JSON).read_text())
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s in %s is unreadable (%s): its arguments are unknown", MANIFEST_JSON, folder, exc)
+        return None
+    return held if isinstance(held, dict) else None
 
 
 def generate_once(folder, studies: int, seed: int, slices: tuple[int, int], site: "str | Site",

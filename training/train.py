@@ -690,9 +690,9 @@ def prepare_data(config: TrainConfig) -> tuple[SliceCache, dict]:
                 "site_digest": site_digest(config.synthetic_site), "faint_bleeds": faint}
         held = read_manifest(folder)    # a reused folder: what it holds, not what was asked
         if held is not None:
-            card.update({k: held[k] for k in ("studies", "seed", "slices", "site", "site_digest")},
-                        faint_bleeds=site_named(held["site"]).faint_bleeds if held["site"] in SITES
-                        and held["site_digest"] == site_digest(held["site"]) else None)
+            card.update({k: held.get(k) for k in ("studies", "seed", "slices", "site", "site_digest")},
+                        faint_bleeds=site_named(held["site"]).faint_bleeds if held.get("site") in SITES
+                        and held.get("site_digest") == site_digest(held["site"]) else None)
     cache = prepare(folder, cache_dir(config, folder), config.input_size, config.workers)
     return cache, {**card, "cache": str(cache.root)}
 

@@ -351,6 +351,8 @@ def test_a_reused_folder_says_what_it_holds_and_warns_where_that_was_not_asked(t
         assert [r.levelname for r in caplog.records] == ["WARNING"] and named in caplog.text
     assert (folder / synthetic.TRAIN_CSV).stat().st_mtime_ns == stamp      # nothing overwritten
     assert synthetic.read_manifest(folder)["seed"] == 4
+    (folder / synthetic.MANIFEST_JSON).write_text("{not json")
+    assert synthetic.read_manifest(folder) is None and "unreadable" in caplog.text
     (folder / synthetic.MANIFEST_JSON).unlink()        # a folder from before manifests
     caplog.clear()
     assert synthetic.generate_once(folder, 2, 5, (3, 4), "randomised", 1) == folder
