@@ -98,6 +98,7 @@ def _enough(target_recall: float, confidence: float) -> int:
 def main(argv=None) -> int:
     from ich.model import ArtifactError, promote
     from training.data import DataError
+    from training.studies import check_placement
 
     p = argparse.ArgumentParser(prog="python -m training.calibrate",
                                 description=__doc__.splitlines()[0])
@@ -128,8 +129,10 @@ def main(argv=None) -> int:
         p.exit(2, "error: --target-recall must be in (0, 1]\n")
     if not 0 <= args.recall_confidence < 1:
         p.exit(2, "error: --recall-confidence must be in [0, 1)\n")
-    if args.gap_placement is not None and not 0 < args.gap_placement <= 1:
-        p.exit(2, "error: --gap-placement must be in (0, 1]\n")
+    try:
+        check_placement(args.gap_placement)
+    except ValueError as exc:
+        p.exit(2, f"error: --gap-placement: {exc}\n")
     try:
         folder = calibrate(args.model, args.data, args.out, args.version, args.target_recall,
                            args.study_rule, args.batch_size, args.workers,

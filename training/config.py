@@ -38,6 +38,8 @@ class TrainConfig:
     synthetic_site: str = "randomised"       # training.synthetic.SITES: the generator's ranges
     site_studies: int = 0                    # phantom studies of the held-out site (0: none)
     heldout: list[str] = field(default_factory=list)   # RSNA-layout folders of other sites
+    operating: str | None = None             # RSNA-layout folder the operating point is chosen on
+    operating_studies: int = 0               # or: phantom studies generated for it (0: calibration)
     split: str = "study"                     # study: by StudyInstanceUID | slice: ShuffleSplit (reference)
     seed: int = 42
     # model
@@ -100,6 +102,13 @@ class TrainConfig:
             raise ConfigError(f"--synthetic-site must be one of {', '.join(SITES)}, not {self.synthetic_site!r}")
         if self.site_studies < 0:
             raise ConfigError("--site-studies must be >= 0")
+        if self.operating_studies < 0:
+            raise ConfigError("--operating-studies must be >= 0")
+        if self.operating and self.operating_studies:
+            raise ConfigError("give one of --operating DIR or --operating-studies N")
+        if self.operating_studies and self.synthetic_studies is None:
+            raise ConfigError("--operating-studies generates phantoms: with --data, give "
+                              "--operating DIR (the operating studies of the same site)")
         try:
             hu_augment(self.hu_augment)
         except ValueError as exc:
@@ -118,7 +127,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1]")
-        from training.studies import candidates
+        from training.studies import candidates, check_placement
 
         try:
             candidates(self.study_rule)
@@ -126,9 +135,10 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
         if not 0 <= self.recall_confidence < 1:
             raise ConfigError("--recall-confidence must be in [0, 1) (0: the expected-recall rank)")
-        if self.gap_placement is not None and not 0 < self.gap_placement <= 1:
-            raise ConfigError("--gap-placement must be in (0, 1] (towards 0: the highest normal "
-                              "study below the ranked bleed; 1: that bleed)")
+        try:
+            check_placement(self.gap_placement)
+        except ValueError as exc:
+            raise ConfigError(f"--gap-placement: {exc}") from None
         if self.positive_fraction is not None and not 0 < self.positive_fraction < 1:
             raise ConfigError("--positive-fraction must be in (0, 1)")
         if self.positive_sampling not in POSITIVE_SAMPLING:
@@ -256,6 +266,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", action="append", metavar="DIR",
                    help="an RSNA-layout folder from another site: figures reported separately "
                         "(repeatable); the model chooses nothing on it")
+    p.add_argument("--operating", metavar="DIR",
+                   help="an RSNA-layout folder of labelled studies, none of them in --data, on "
+                        "which the study rule and thresholds are chosen (default: the "
+                        "calibration split, which also chose the epoch)")
+    p.add_argument("--operating-studies", type=int, metavar="N",
+                   help="phantoms only: generate N studies of the training site's natural mix "
+                        "(no faint emphasis, their own seed) and choose the operating point on "
+                        "them (0 = on the calibration split)")
     p.add_argument("--seed", type=int)
     p.add_argument("--engine", help="keras.applications name (default InceptionV3)")
     p.add_argument("--input-size", type=int)

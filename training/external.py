@@ -27,7 +27,6 @@ About 15-20 minutes on 2 CPU cores (generation 4, scoring 12-16); the sets are r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -48,13 +47,6 @@ HELDOUT: tuple[tuple[str, int], ...] = (("site-d", 9960), ("site-e", 5360), ("si
 CALIBRATION_SEED = 7777
 #: Issue 12's bar on a held-out site at the calibration studies' operating point.
 BAR = {"auc": 0.97, "recall": 0.95, "specificity": 0.85}
-
-
-def calibration_site(name: str = "randomised"):
-    """The training site `name` as calibration studies see it: its ranges, no faint emphasis."""
-    from training.synthetic import site_named
-
-    return dataclasses.replace(site_named(name), faint_bleeds=0.0)
 
 
 def dataset(root: Path, site, seed: int, studies: int, slices: tuple[int, int], workers: int) -> Path:
@@ -206,6 +198,7 @@ def _fmt(value: float | None) -> str:
 def main(argv=None) -> int:
     from ich.model import ArtifactError
     from training.data import DataError
+    from training.studies import check_placement
 
     p = argparse.ArgumentParser(prog="python -m training.external", description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
@@ -229,8 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    if args.gap_placement is not None and not 0 < args.gap_placement <= 1:
-        p.exit(2, "error: --gap-placement must be in (0, 1]\n")
+    try:
+        check_placement(args.gap_placement)
+    except ValueError as exc:
+        p.exit(2, f"error: --gap-placement: {exc}\n")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     slices = tuple(args.slices)
@@ -250,11 +245,10 @@ def main(argv=None) -> int:
 def _validate_model(args, slices: tuple[int, int]) -> dict:
     """`validate` as the command line asks: the sets generated (once) under `--root`."""
     from ich.model import ModelCard
-    from training.synthetic import site_named
+    from training.synthetic import natural_mix
 
     training_site = ModelCard.read(args.model).data.get("site") or "randomised"
-    site_named(training_site)
-    calibration = dataset(args.root, calibration_site(training_site), CALIBRATION_SEED,
+    calibration = dataset(args.root, natural_mix(training_site), CALIBRATION_SEED,
                           args.calibration_studies, slices, args.workers)
     sets = {name: dataset(args.root, name, seed, args.studies, slices, args.workers)
             for name, seed in HELDOUT}

@@ -137,6 +137,15 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
     return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1)))
 
 
+def check_placement(placement: float | None) -> None:
+    """A placement within calibration's gap is in (0, 1]: 0 would sit on the highest normal
+    study below the ranked bleed, which would then alert; 1 is that bleed. None: the default."""
+    if placement is not None and not 0 < placement <= 1:
+        raise ValueError(f"the placement within calibration's gap must be in (0, 1] (towards 0: "
+                         f"the highest normal study below the ranked bleed; 1: that bleed), "
+                         f"not {placement}")
+
+
 def study_threshold(y, scores, target_recall: float | None,
                     confidence: float | None = RECALL_CONFIDENCE,
                     placement: float = 0.5) -> tuple[float | None, float]:
@@ -155,8 +164,7 @@ def study_threshold(y, scores, target_recall: float | None,
     silent), or the point at `placement` of the way up from the normal (0) to t_hi (1).
     Returns (None, 0) without positive studies (or, for Youden, without normal ones).
     """
-    if not 0 < placement <= 1:   # 0 would sit on the normal study, which then alerts
-        raise ValueError(f"placement within the gap must be in (0, 1], not {placement}")
+    check_placement(placement)
     y, scores = np.asarray(y) > 0.5, np.asarray(scores, np.float64)
     if target_recall is not None and y.any():
         positives = np.sort(scores[y])[::-1]

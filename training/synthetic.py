@@ -181,6 +181,13 @@ def site_named(site: "str | Site") -> Site:
         raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}") from None
 
 
+def natural_mix(site: "str | Site") -> Site:
+    """`site` without its faint-bleed emphasis: studies as the site would send them. Operating
+    points are chosen on these: the emphasis helps a model learn near-isodense blood, but
+    studies drawn with it would place a threshold for bleeds fainter than the site's."""
+    return dataclasses.replace(site_named(site), faint_bleeds=0.0)
+
+
 def site_digest(site: "str | Site") -> str:
     """8 hex digits of a site's every range: phantom folders are named by it, so data drawn
     from an older definition of a site (another streak or bleed range) are never reused as if

@@ -707,8 +707,20 @@ def cache_dir(config: TrainConfig, folder: Path) -> Path:
     return root / "cache" / f"{Path(folder).name}-{tag}-{config.input_size}"
 
 
-#: The held-out site's phantoms use their own seed: same-seed studies share UIDs and anatomy.
+#: The held-out site's and the operating studies' phantoms use their own seeds: same-seed
+#: studies share UIDs and anatomy.
 HELDOUT_SITE, HELDOUT_SEED_OFFSET = "site-d", 7919
+OPERATING_SEED_OFFSET = 50021
+
+
+def _phantoms(config: TrainConfig, site, seed: int, studies: int) -> Path:
+    """`studies` phantoms of `site` beside training's (generated once, then reused)."""
+    from training.synthetic import folder_name, generate_once
+
+    root = Path(config.synthetic_dir).parent if config.synthetic_dir else Path("data/synthetic")
+    slices = tuple(config.synthetic_slices)
+    folder = root / folder_name(seed, studies, slices, site)
+    return generate_once(folder, studies, seed, slices, site, config.workers)
 
 
 def heldout_sets(config: TrainConfig) -> dict[str, Path]:
@@ -716,15 +728,49 @@ def heldout_sets(config: TrainConfig) -> dict[str, Path]:
     `site_studies` studies of site-d (ranges the training data never had)."""
     sets = {Path(d).name: Path(d) for d in config.heldout}
     if config.synthetic_studies is not None and config.site_studies:
-        lo, hi = config.synthetic_slices
-        seed = config.seed + HELDOUT_SEED_OFFSET
-        root = Path(config.synthetic_dir).parent if config.synthetic_dir else Path("data/synthetic")
-        from training.synthetic import folder_name, generate_once
-
-        folder = root / folder_name(seed, config.site_studies, (lo, hi), HELDOUT_SITE)
-        generate_once(folder, config.site_studies, seed, (lo, hi), HELDOUT_SITE, config.workers)
-        sets[HELDOUT_SITE] = folder
+        sets[HELDOUT_SITE] = _phantoms(config, HELDOUT_SITE, config.seed + HELDOUT_SEED_OFFSET,
+                                       config.site_studies)
     return sets
+
+
+def operating_set(config: TrainConfig) -> Path | None:
+    """The folder the study rule and thresholds are chosen on: `--operating DIR`, or for
+    phantoms `operating_studies` studies of the training site's natural mix with their own seed;
+    None: the calibration split, which also chose the epoch and the Platt scaling. Studies that
+    chose nothing else place the threshold with less luck (docs/training.md, "Which 160 studies
+    calibrate"). Fails before training when it cannot choose: too few of either kind."""
+    if config.operating:
+        folder = Path(config.operating)
+    elif config.synthetic_studies is not None and config.operating_studies:
+        from training.synthetic import natural_mix
+
+        folder = _phantoms(config, natural_mix(config.synthetic_site),
+                           config.seed + OPERATING_SEED_OFFSET, config.operating_studies)
+    else:
+        return None
+    from training.calibrate import MIN_STUDIES
+
+    found = read_trainset(folder)
+    truth = StudySet.build(found.labels, found.labels, slice_headers(found.paths)).truth()[:, -1]
+    bleeding, normal = int(truth.sum()), int(len(truth) - truth.sum())
+    if min(bleeding, normal) < MIN_STUDIES:
+        raise DataError(f"operating studies {folder}: {bleeding} bleeding and {normal} normal; at "
+                        f"least {MIN_STUDIES} of each are needed to choose an operating point")
+    return folder
+
+
+def score_operating(forward, config: TrainConfig, folder: Path, choose) -> tuple:
+    """(the rule `choose` picks on `folder`'s studies, the card's record of them), scored from
+    DICOM as a worker decodes them."""
+    _, _, y, p, headers, decoder = evaluate.predict_folder(
+        forward, config.input_size, folder, config.batch_size, config.workers or 2)
+    operating = StudySet.build(y, p, headers)
+    rule, rows = choose(operating)
+    study = studies.study_metrics(operating, rule)
+    log.info("operating studies %s: %d (%d bleeding): %s, recall %s, specificity %s", folder.name,
+             study["studies"], study["positive_studies"], rule, study["recall"], study["specificity"])
+    return rule, {"data": str(folder), "images": int(len(y)), "study": study, "rules": rows,
+                  "decode": decoder.report()}
 
 
 def score_heldout(model, config: TrainConfig, sets: dict[str, Path], slice_thresholds, rule) -> dict:
@@ -768,6 +814,7 @@ def run(config: TrainConfig) -> Path | None:
     keras.utils.set_random_seed(config.seed)
     for folder in config.heldout:                       # a bad folder fails now, not after hours
         read_trainset(folder)
+    operating = operating_set(config)
     cache, data_card = prepare_data(config)
     trainset, headers = cache.slices, cache.headers
     train_idx, calib_idx, test_idx = split(trainset, config.split, headers.studies)
@@ -827,17 +874,24 @@ def run(config: TrainConfig) -> Path | None:
     test_studies = StudySet.build(test_y, test_p, headers.take(test_idx[test_rows]))
 
     slice_thresholds = evaluate.choose_thresholds(v.y, v.p, config.slice_target_recall)
-    rule, candidates = studies.choose_rule(calib_studies, config.target_recall,
-                                           studies.candidates(config.study_rule),
-                                           config.recall_confidence or None, config.gap_placement)
+
+    def choose(chosen_on: StudySet):
+        return studies.choose_rule(chosen_on, config.target_recall, studies.candidates(config.study_rule),
+                                   config.recall_confidence or None, config.gap_placement)
+
+    rule, candidates = choose(calib_studies)
+    calibration = {"weighted_log_loss": evaluate.weighted_log_loss(v.y, v.p), "images": int(len(v.y)),
+                   "platt": {label: {"a": a, "b": b} for label, (a, b) in platt.items()},
+                   "rules": candidates}
+    if operating is not None:   # calibration's own choice stays on record beside the shipped one
+        calibration["chosen_here"] = rule.describe()
+        rule, chosen = score_operating(forward, config, operating, choose)
     results = {**evaluate.metrics(test_y, test_p, slice_thresholds), "split": "test",
                "study": studies.study_metrics(test_studies, rule),
-               "calibration": {"weighted_log_loss": evaluate.weighted_log_loss(v.y, v.p),
-                               "images": int(len(v.y)),
-                               "platt": {label: {"a": a, "b": b} for label, (a, b) in platt.items()},
-                               "study": studies.study_metrics(calib_studies, rule),
-                               "rules": candidates},
+               "calibration": {**calibration, "study": studies.study_metrics(calib_studies, rule)},
                "best_epoch": v.best_epoch}
+    if operating is not None:
+        results["operating"] = chosen
     sets = heldout_sets(config)
     results["heldout"] = score_heldout(model, config, sets, slice_thresholds, rule)
     head = None
@@ -871,7 +925,7 @@ def run(config: TrainConfig) -> Path | None:
                   "global_batch": deep.global_batch, "learning_rate": deep.learning_rate,
                   "mixed_precision": config.mixed_precision, "jit_compile": config.jit_compile,
                   "run_dir": str(run_dir)},
-        notes=_notes(config, rule),
+        notes=_notes(config, rule, operating),
         status="ok" if quality["passed"] else "failed", verdict=quality)
     if not is_chief(strategy):     # the chief writes and judges the artifact, maybe not yet
         return None
@@ -894,16 +948,20 @@ def run(config: TrainConfig) -> Path | None:
     return out
 
 
-def _notes(config: TrainConfig, rule) -> str:
+def _notes(config: TrainConfig, rule, operating: Path | None = None) -> str:
+    where = "calibration" if operating is None else "the operating studies"
     confidence = (f"held on new studies with confidence {config.recall_confidence}"
                   if config.recall_confidence else "on average on new studies")
     chosen = (f"study rule {rule} with per-label study thresholds for study recall "
-              f">= {config.target_recall} ({confidence}; any: split-conformal on calibration)"
+              f">= {config.target_recall} ({confidence}; any: split-conformal on {where})"
               if config.target_recall
               else "study rule max with the default thresholds (any 0.15)")
+    decided = ("The epoch, the rule and every threshold were chosen on calibration"
+               if operating is None else
+               f"The epoch and the Platt scaling were chosen on calibration, the rule and the study "
+               f"thresholds on separate operating studies ({operating})")
     return (f"Trained from {'scratch' if config.weights in (None, 'none') else config.weights}; "
-            f"{config.split} split into train / calibration / test; {chosen}. The epoch, the rule "
-            "and every threshold were chosen on calibration; metrics are inference-mode "
+            f"{config.split} split into train / calibration / test; {chosen}. {decided}; metrics are inference-mode "
             "predictions on the test split, which chose nothing. A study is positive for a label "
             "when the rule's study score >= that label's threshold; slice_thresholds are the "
             "slice-level operating points, for reference only.")

@@ -78,4 +78,5 @@ def test_too_few_local_studies_are_refused(detector, tmp_path, capsys):
         calibrate.main(["--model", str(model), "--data", str(small), "--out", str(tmp_path / "m"),
                         "--gap-placement", "0"])
     assert exit_info.value.code == 2 and not (tmp_path / "m").exists()
-    assert "--gap-placement must be in (0, 1]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--gap-placement" in err and "must be in (0, 1]" in err

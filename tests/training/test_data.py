@@ -358,6 +358,12 @@ def test_config_precedence_reference_recipe_file_flags(tmp_path):
         config.load(["--data", "d", "--gap-placement", "0"])
     assert config.load(["--data", "d", "--gap-placement", "0.3"]).gap_placement == 0.3
     assert config.load(["--data", "d"]).gap_placement is None      # studies.GAP_PLACEMENT
+    for bad, why in ((["--data", "d", "--operating-studies", "9"], "--operating DIR"),
+                     (["--synthetic-studies", "9", "--operating-studies", "-1"], ">= 0"),
+                     (["--synthetic-studies", "9", "--operating", "o", "--operating-studies", "9"], "one of")):
+        with pytest.raises(config.ConfigError, match=why):
+            config.load(bad)
+    assert config.load(["--data", "d", "--operating", "o"]).operating == "o"
     sites = config.load(["--synthetic-studies", "9", "--heldout", "a", "--heldout", "b"])
     assert (sites.synthetic_site, sites.site_studies, sites.heldout) == ("randomised", 60, ["a", "b"])
 

@@ -65,8 +65,8 @@ def test_meets_needs_every_figure_of_the_bar():
     assert not external.meets({"auc": None, "recall": 1.0, "specificity": 1.0})
 
 
-def test_calibration_site_is_the_training_site_without_faint_emphasis():
-    site = external.calibration_site("randomised")
+def test_natural_mix_is_the_training_site_without_faint_emphasis():
+    site = synthetic.natural_mix("randomised")
     assert site.faint_bleeds == 0.0 < synthetic.SITES["randomised"].faint_bleeds
     assert site.streaks == synthetic.SITES["randomised"].streaks
     assert synthetic.site_digest(site) != synthetic.site_digest("randomised")
@@ -93,7 +93,7 @@ def test_external_validation_reports_each_site_at_both_points(run):
     assert set(result["sites"]) == {"site-d", "site-e", "site-f"}
     assert code == 0
     calibration = root / "data" / synthetic.folder_name(
-        external.CALIBRATION_SEED, 24, (6, 8), external.calibration_site("randomised"))
+        external.CALIBRATION_SEED, 24, (6, 8), synthetic.natural_mix("randomised"))
     assert result["calibration"]["data"] == str(calibration)
     # The calibration point is what `training.calibrate` writes for the same studies.
     calibrated = calibrate.calibrate(model, calibration, root / "calibrated", "v")

@@ -12,7 +12,7 @@ import pytest
 
 from ich.labels import LABELS
 from ich.model import ModelCard, load_artifact
-from training import data as training_data, synthetic
+from training import calibrate, data as training_data, synthetic, train
 from tests.modelfactory import LOOP_ENGINE
 from training.__main__ import main
 
@@ -32,6 +32,7 @@ def run(tmp_path_factory):
     argv = ["--synthetic-studies", "6", "--synthetic-slices", "8", "12",
             "--synthetic-dir", str(phantoms), "--config", str(root / "run.toml"),
             "--epochs", "1", "--steps-per-epoch", "2", "--seed", "3", "--site-studies", "3", "--context",
+            "--operating-studies", "14",
             "--out", str(root / "models"), "--version", "tiny-1", "--promote", "--allow-failed",
             "--jit-compile", "on"]   # the whole run under XLA (auto would leave 2 steps without it)
     assert main(argv) == 0   # two steps learn nothing: --allow-failed exports and promotes it
@@ -105,6 +106,38 @@ def test_held_out_site_is_generated_apart_and_reported_on_its_own(run):
     assert sum(b["missed"] for b in streaks) == site["study"]["fn"]
     lo, hi = synthetic.SITES["site-d"].streaks
     assert lo <= streaks[0]["from"] and streaks[-1]["to"] <= hi
+
+
+def test_operating_point_is_chosen_on_separate_operating_studies(run, tmp_path):
+    """--operating-studies: the rule and study thresholds the card ships are chosen on phantoms
+    of the training site's natural mix with their own seed, exactly as `training.calibrate`
+    chooses on that folder; the epoch and Platt scaling stay calibration's, and calibration's
+    own choice of operating point stays on record."""
+    import pydicom
+
+    card = ModelCard.read(run["artifact"])
+    operating = card.metrics["operating"]
+    seed, natural = 3 + train.OPERATING_SEED_OFFSET, synthetic.natural_mix("randomised")
+    folder = run["root"] / synthetic.folder_name(seed, 14, (8, 12), natural)
+    assert operating["data"] == str(folder) and "operating studies" in card.notes
+    assert synthetic.read_manifest(folder)["site_digest"] == synthetic.site_digest(natural)
+    assert operating["study"]["studies"] == 14 and operating["study"]["rule"] == card.study_rule
+    assert len(operating["rules"]) == 5 and operating["images"] == len(list(folder.glob("stage_2_train/*.dcm")))
+    assert card.metrics["calibration"]["chosen_here"]["name"] in ("max", "consecutive", "topk")
+    uids = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
+            for f in (*run["phantoms"].glob("stage_2_train/*.dcm"), *folder.glob("stage_2_train/*.dcm"))}
+    assert len(uids) == 6 + 14                   # no study shared with training's phantoms
+    again = ModelCard.read(calibrate.calibrate(run["artifact"], folder, tmp_path, "again", study_rule="auto"))
+    assert again.study_rule == card.study_rule
+    assert again.thresholds == pytest.approx(card.thresholds, abs=1e-6)
+
+
+def test_too_few_operating_studies_are_refused_before_training(tmp_path, capsys):
+    few = synthetic.generate(tmp_path / "few", studies=3, seed=1, slices=(4, 5))["studies"]
+    assert main(["--synthetic-studies", "2", "--synthetic-dir", str(tmp_path / "p"), "--operating",
+                 str(tmp_path / "few"), "--out", str(tmp_path / "m")]) == 2
+    assert "at least 5 of each" in capsys.readouterr().err and few == 3
+    assert not (tmp_path / "p").exists()         # nothing generated, nothing trained
 
 
 def test_context_head_is_measured_beside_the_slice_model(run):
