@@ -65,10 +65,10 @@ def meets(figures: dict) -> bool:
 
 def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_recall: float = 0.95,
              confidence: float | None = None, batch_size: int = 32, workers: int = 2,
-             scores: Path | None = None, placement: float | None = None) -> dict:
+             scores: Path | None = None, placement: float | None = None, **judging) -> dict:
     """Each of `sets` at the card's operating point and at the one `calibration` gives the
     card's rule; `passed` when every set meets `BAR` at the latter. With `scores`, each set's
-    per-slice scores are also written there (`write_scores`)."""
+    per-slice scores are also written there (`write_scores`). `judging`: `judge`'s options."""
     from ich.model import load_artifact
     from training import evaluate, studies
 
@@ -92,28 +92,33 @@ def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_r
     return judge(card.version, card.rule(), calibrated,
                  {name: study_set(name, folder) for name, folder in sets.items()},
                  target_recall, confidence,
-                 {"calibration": str(calibration), **{n: str(f) for n, f in sets.items()}}, placement)
+                 {"calibration": str(calibration), **{n: str(f) for n, f in sets.items()}}, placement,
+                 **judging)
 
 
 def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySet"],
           target_recall: float = 0.95, confidence: float | None = None,
-          sources: dict[str, str] | None = None, placement: float | None = None) -> dict:
+          sources: dict[str, str] | None = None, placement: float | None = None,
+          calibrated_rule=None, draws: int = 0, draw_size: int | None = None) -> dict:
     """The figures of `validate` from scored studies: `rule` (the card's) as it stands, and
-    with its `any` threshold re-chosen on `calibration`. Takes any scores, so models can be
-    compared, or combined, from saved scores (`read_scores`) without scoring again."""
+    with its `any` threshold re-chosen on `calibration` (under `calibrated_rule` instead, when
+    given: another rule's operating point, judged beside the card's). With `draws`, also
+    `bootstrap`'s share of calibration sets that would meet the bar. Takes any scores, so models
+    can be compared, or combined, from saved scores (`read_scores`) without scoring again."""
     from training import studies
 
     sources = sources or {}
-    chosen, rows = studies.choose_rule(calibration, target_recall, ((rule.name, rule.k),), confidence,
+    base = calibrated_rule or rule
+    chosen, rows = studies.choose_rule(calibration, target_recall, ((base.name, base.k),), confidence,
                                        placement)
     points = {"card": rule, "calibration": chosen}
     result = {"model": version, "bar": BAR, "target_recall": target_recall,
               "calibration": {"data": sources.get("calibration"), **(rows[0] if rows else {})},
               "sites": {}}
-    for name, site in sites.items():
+    for name, site in sites.items():   # the band and best specificity of the rule calibrated
         figures = {"data": sources.get(name), "studies": len(site),
-                   "best_specificity": studies.best_specificity(site, rule, BAR["recall"]),
-                   "passing_band": studies.passing_band(site, rule, BAR["recall"], BAR["specificity"])}
+                   "best_specificity": studies.best_specificity(site, base, BAR["recall"]),
+                   "passing_band": studies.passing_band(site, base, BAR["recall"], BAR["specificity"])}
         for point, r in points.items():
             m = studies.study_metrics(site, r)
             figures[point] = {**{k: m[k] for k in ("rule", "auc", "recall", "specificity", "tp", "fn",
@@ -121,7 +126,51 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
                               "threshold": r.thresholds["any"], "passed": meets(m)}
         result["sites"][name] = figures
     result["passed"] = all(s["calibration"]["passed"] for s in result["sites"].values())
+    if draws:
+        result["bootstrap"] = bootstrap(base, calibration, sites, draws, draw_size, target_recall,
+                                        confidence, placement)
     return result
+
+
+def bootstrap(rule, calibration: "StudySet", sites: dict[str, "StudySet"], draws: int,
+              size: int | None = None, target_recall: float = 0.95, confidence: float | None = None,
+              placement: float | None = None, seed: int = 0) -> dict:
+    """How much of the calibration point's verdict is the luck of which studies calibrated.
+
+    The calibration studies are drawn with replacement `draws` times (`size` each, default as
+    many as there are; draw d is `default_rng(seed)`'s d-th `integers(0, n, size)`), the `any`
+    threshold is chosen on each draw exactly as `judge` chooses it under `rule`, and the share of
+    draws meeting BAR is reported per site and on every site at once. A draw without bleeding
+    studies chooses nothing and fails. Drawing more studies than there are treats the set as
+    its population: the direction a larger set moves the verdict, not its exact figure."""
+    import numpy as np
+
+    from training import studies
+
+    size = size or len(calibration)
+    y, s = calibration.truth()[:, -1] > 0.5, calibration.scores(rule)[:, -1]
+    truth = {name: site.truth()[:, -1] > 0.5 for name, site in sites.items()}
+    scores = {name: site.scores(rule)[:, -1] for name, site in sites.items()}
+    auc = {name: studies.auc(truth[name], scores[name]) for name in sites}
+    place = studies.GAP_PLACEMENT if placement is None else placement
+    rng, passed, every = np.random.default_rng(seed), dict.fromkeys(sites, 0), 0
+    for _ in range(draws):
+        draw = rng.integers(0, len(y), size)
+        t, _ = studies.study_threshold(y[draw], s[draw], target_recall, confidence, place)
+        ok = {name: t is not None and meets(_at(truth[name], scores[name], min(max(t, 1e-7), 1 - 1e-7),
+                                                auc[name])) for name in sites}
+        for name in sites:
+            passed[name] += ok[name]
+        every += all(ok.values())
+    return {"rule": str(rule), "draws": draws, "size": size, "seed": seed,
+            "passed": every / draws, "sites": {name: n / draws for name, n in passed.items()}}
+
+
+def _at(truth, scores, threshold: float, auc: float | None) -> dict:
+    """`meets`' figures of one site's `any` study scores at `threshold` (as `choose_rule` clamps it)."""
+    recall = float((scores[truth] >= threshold).mean()) if truth.any() else None
+    specificity = float((scores[~truth] < threshold).mean()) if (~truth).any() else None
+    return {"auc": auc, "recall": recall, "specificity": specificity}
 
 
 def write_scores(path: Path, labels, probabilities, headers, folder: Path) -> Path:
@@ -151,7 +200,7 @@ def read_scores(path: Path) -> "StudySet":
 
 
 def judge_saved(folder: Path, target_recall: float = 0.95, confidence: float | None = None,
-                placement: float | None = None) -> dict:
+                placement: float | None = None, **judging) -> dict:
     """`judge` on a `--scores` folder (its card, `calibration.npz` and each HELDOUT site's
     .npz): the report again, or at another operating-point choice, in seconds and without the
     model (docs/external-scores keeps such folders)."""
@@ -166,7 +215,7 @@ def judge_saved(folder: Path, target_recall: float = 0.95, confidence: float | N
     sets = {name: read_scores(folder / f"{name}.npz") for name in names}
     calibration = sets.pop("calibration")
     return judge(card.version, card.rule(), calibration, sets, target_recall, confidence,
-                 {name: str(folder / f"{name}.npz") for name in names}, placement)
+                 {name: str(folder / f"{name}.npz") for name in names}, placement, **judging)
 
 
 def table(result: dict) -> str:
@@ -188,6 +237,11 @@ def table(result: dict) -> str:
                      f"{cell(s['calibration'])} |")
     lines.append("bar met at the calibration point on every site" if result["passed"]
                  else "bar NOT met at the calibration point on every site")
+    if "bootstrap" in result:
+        b = result["bootstrap"]
+        lines.append(f"{b['rule']}: {b['draws']} calibration sets of {b['size']} studies drawn "
+                     f"with replacement meet the bar on every site in {b['passed']:.0%} of draws ("
+                     + ", ".join(f"{n} {share:.0%}" for n, share in b["sites"].items()) + ")")
     return "\n".join(lines)
 
 
@@ -198,7 +252,8 @@ def _fmt(value: float | None) -> str:
 def main(argv=None) -> int:
     from ich.model import ArtifactError
     from training.data import DataError
-    from training.studies import check_placement
+    from ich.decision import StudyRule
+    from training.studies import candidates, check_placement
 
     p = argparse.ArgumentParser(prog="python -m training.external", description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
@@ -215,6 +270,14 @@ def main(argv=None) -> int:
                    help="as in training.calibrate (default 0: recall on average)")
     p.add_argument("--gap-placement", type=float, metavar="F",
                    help="as in training.calibrate (default: training.studies.GAP_PLACEMENT)")
+    p.add_argument("--study-rule", metavar="RULE",
+                   help="choose the calibration point under this rule (max, consecutive-K, "
+                        "topk-K) instead of the card's; the card's point is reported as it is")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="also draw the calibration studies N times with replacement and report "
+                        "the share of draws whose point meets the bar (how much is luck)")
+    p.add_argument("--bootstrap-size", type=int, metavar="M",
+                   help="studies per draw (default: as many as calibration has)")
     p.add_argument("--scores", type=Path, metavar="DIR",
                    help="also write each set's per-slice scores to DIR/<set>.npz (read_scores)")
     p.add_argument("--check", action="store_true",
@@ -226,15 +289,27 @@ def main(argv=None) -> int:
         check_placement(args.gap_placement)
     except ValueError as exc:
         p.exit(2, f"error: --gap-placement: {exc}\n")
+    if args.bootstrap < 0 or (args.bootstrap_size is not None and args.bootstrap_size < 1):
+        p.exit(2, "error: --bootstrap must be >= 0 and --bootstrap-size >= 1\n")
+    judging = {"draws": args.bootstrap, "draw_size": args.bootstrap_size}
+    if args.study_rule:
+        try:
+            rules = candidates(args.study_rule)
+            if len(rules) != 1:
+                raise ValueError("name one rule (max, consecutive-K or topk-K), not auto")
+            (name, k), = rules
+        except ValueError as exc:
+            p.exit(2, f"error: --study-rule: {exc}\n")
+        judging["calibrated_rule"] = StudyRule(name, k)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     slices = tuple(args.slices)
     try:
         if args.from_scores is not None:
             result = judge_saved(args.from_scores, args.target_recall, args.recall_confidence or None,
-                                 args.gap_placement)
+                                 args.gap_placement, **judging)
         else:
-            result = _validate_model(args, slices)
+            result = _validate_model(args, slices, judging)
     except (ArtifactError, DataError, ValueError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     print(json.dumps(result, indent=2))
@@ -242,7 +317,7 @@ def main(argv=None) -> int:
     return 1 if args.check and not result["passed"] else 0
 
 
-def _validate_model(args, slices: tuple[int, int]) -> dict:
+def _validate_model(args, slices: tuple[int, int], judging: dict) -> dict:
     """`validate` as the command line asks: the sets generated (once) under `--root`."""
     from ich.model import ModelCard
     from training.synthetic import natural_mix
@@ -253,7 +328,7 @@ def _validate_model(args, slices: tuple[int, int]) -> dict:
     sets = {name: dataset(args.root, name, seed, args.studies, slices, args.workers)
             for name, seed in HELDOUT}
     return validate(args.model, sets, calibration, args.target_recall, args.recall_confidence or None,
-                    args.batch_size, args.workers, args.scores, args.gap_placement)
+                    args.batch_size, args.workers, args.scores, args.gap_placement, **judging)
 
 
 if __name__ == "__main__":

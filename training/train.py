@@ -677,22 +677,20 @@ def prepare_data(config: TrainConfig) -> tuple[SliceCache, dict]:
         folder, card = Path(config.data), {"source": "rsna-layout", "path": str(config.data)}
     else:
         lo, hi = config.synthetic_slices
-        from training.synthetic import (SITES, folder_name, generate_once, read_manifest, site_digest,
-                                        site_named)
+        from training.synthetic import (SITES, folder_name, generate_once, manifest, read_manifest,
+                                        site_digest, site_named)
 
-        faint = site_named(config.synthetic_site).faint_bleeds
         folder = Path(config.synthetic_dir or Path("data/synthetic") / folder_name(
             config.seed, config.synthetic_studies, (lo, hi), config.synthetic_site))
         generate_once(folder, config.synthetic_studies, config.seed, (lo, hi), config.synthetic_site,
                       config.workers)
-        card = {"source": "synthetic", "path": str(folder), "studies": config.synthetic_studies,
-                "seed": config.seed, "slices": [lo, hi], "site": config.synthetic_site,
-                "site_digest": site_digest(config.synthetic_site), "faint_bleeds": faint}
-        held = read_manifest(folder)    # a reused folder: what it holds, not what was asked
-        if held is not None:
-            card.update({k: held.get(k) for k in ("studies", "seed", "slices", "site", "site_digest")},
-                        faint_bleeds=site_named(held["site"]).faint_bleeds if held.get("site") in SITES
-                        and held.get("site_digest") == site_digest(held["site"]) else None)
+        # A reused folder: what it holds, not what was asked (asked: a folder from before manifests).
+        held = read_manifest(folder) or manifest(config.synthetic_studies, config.seed, (lo, hi),
+                                                 config.synthetic_site)
+        known = held.get("site") in SITES and held.get("site_digest") == site_digest(held["site"])
+        card = {"source": "synthetic", "path": str(folder),
+                **{k: held.get(k) for k in ("studies", "seed", "slices", "site", "site_digest")},
+                "faint_bleeds": site_named(held["site"]).faint_bleeds if known else None}
     cache = prepare(folder, cache_dir(config, folder), config.input_size, config.workers)
     return cache, {**card, "cache": str(cache.root)}
 

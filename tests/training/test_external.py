@@ -181,3 +181,34 @@ def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4
     assert again["sites"] == first["sites"]
     assert code == (0 if again["passed"] else 1)
+
+
+def test_bootstrap_share_is_judge_on_each_drawn_calibration_set(run, capsys):
+    """Each draw's verdict is `judge`'s on the studies drawn (the same indices), so the share
+    is the calibration point's verdict averaged over calibration sets, nothing else."""
+    root, model, _, _, _ = run
+    saved = {p.stem: external.read_scores(p) for p in (root / "scores").glob("*.npz")}
+    calibration = saved.pop("calibration")
+    rule = StudyRule("consecutive", 2)
+    result = external.bootstrap(rule, calibration, saved, draws=12, size=30, placement=0.3, seed=4)
+    rng, verdicts = np.random.default_rng(4), []
+    for _ in range(12):
+        drawn = StudySet(calibration[i] for i in rng.integers(0, len(calibration), 30))
+        verdicts.append(external.judge("m", ModelCard.read(model).rule(), drawn, saved, placement=0.3,
+                                       calibrated_rule=rule))
+    assert result["passed"] == pytest.approx(np.mean([v["passed"] for v in verdicts]))
+    for name in saved:
+        assert result["sites"][name] == pytest.approx(
+            np.mean([v["sites"][name]["calibration"]["passed"] for v in verdicts]))
+    assert result["size"] == 30 and result["rule"] == str(rule)
+    # From the command line: the calibration point under another rule, and its bootstrap.
+    assert external.main(["--from-scores", str(root / "scores"), "--study-rule", "consecutive-2",
+                          "--bootstrap", "5"]) == 0
+    out, err = capsys.readouterr()
+    again = json.loads(out)
+    assert again["calibration"]["rule"].startswith("consecutive-2") and again["bootstrap"]["draws"] == 5
+    assert again["bootstrap"]["size"] == len(calibration) and "drawn with replacement" in err
+    for bad in (["--study-rule", "auto"], ["--bootstrap", "-1"]):
+        with pytest.raises(SystemExit) as refused:
+            external.main(["--from-scores", str(root / "scores"), *bad])
+        assert refused.value.code == 2
