@@ -882,7 +882,7 @@ def run(config: TrainConfig) -> Path | None:
                    "platt": {label: {"a": a, "b": b} for label, (a, b) in platt.items()},
                    "rules": candidates}
     if operating is not None:   # calibration's own choice stays on record beside the shipped one
-        calibration["chosen_here"] = rule.describe()
+        calibration["chosen_here"] = {**rule.describe(), "thresholds": dict(rule.thresholds)}
         rule, chosen = score_operating(forward, config, operating, choose)
     results = {**evaluate.metrics(test_y, test_p, slice_thresholds), "split": "test",
                "study": studies.study_metrics(test_studies, rule),

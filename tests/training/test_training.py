@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from ich.decision import StudyRule
 from ich.labels import LABELS
 from ich.model import ModelCard, load_artifact
 from training import calibrate, data as training_data, synthetic, train
@@ -123,7 +124,10 @@ def test_operating_point_is_chosen_on_separate_operating_studies(run, tmp_path):
     assert synthetic.read_manifest(folder)["site_digest"] == synthetic.site_digest(natural)
     assert operating["study"]["studies"] == 14 and operating["study"]["rule"] == card.study_rule
     assert len(operating["rules"]) == 5 and operating["images"] == len(list(folder.glob("stage_2_train/*.dcm")))
-    assert card.metrics["calibration"]["chosen_here"]["name"] in ("max", "consecutive", "topk")
+    here = card.metrics["calibration"]["chosen_here"]    # calibration's own point, restorable
+    assert here["name"] in ("max", "consecutive", "topk") and set(here["thresholds"]) == set(LABELS)
+    assert any(r["rule"] == str(StudyRule.from_card(here, here["thresholds"]))
+               and r["threshold"] == here["thresholds"]["any"] for r in card.metrics["calibration"]["rules"])
     uids = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
             for f in (*run["phantoms"].glob("stage_2_train/*.dcm"), *folder.glob("stage_2_train/*.dcm"))}
     assert len(uids) == 6 + 14                   # no study shared with training's phantoms
