@@ -147,6 +147,8 @@ def bootstrap(rule, calibration: "StudySet", sites: dict[str, "StudySet"], draws
 
     from training import studies
 
+    if draws < 1:
+        raise ValueError(f"bootstrap needs at least one draw, not {draws}")
     size = size or len(calibration)
     y, s = calibration.truth()[:, -1] > 0.5, calibration.scores(rule)[:, -1]
     truth = {name: site.truth()[:, -1] > 0.5 for name, site in sites.items()}

@@ -731,12 +731,12 @@ def heldout_sets(config: TrainConfig) -> dict[str, Path]:
     return sets
 
 
-def operating_set(config: TrainConfig) -> Path | None:
-    """The folder the study rule and thresholds are chosen on: `--operating DIR`, or for
-    phantoms `operating_studies` studies of the training site's natural mix with their own seed;
-    None: the calibration split, which also chose the epoch and the Platt scaling. Studies that
-    chose nothing else place the threshold with less luck (docs/training.md, "Which 160 studies
-    calibrate"). Fails before training when it cannot choose: too few of either kind."""
+def operating_set(config: TrainConfig) -> tuple[Path | None, set[str]]:
+    """The folder the study rule and thresholds are chosen on, and its StudyInstanceUIDs:
+    `--operating DIR`, or for phantoms `operating_studies` studies of the training site's
+    natural mix with their own seed; (None, {}): the calibration split, which also chose the
+    epoch and the Platt scaling, chooses. Fails before training when it cannot choose (too few
+    of either kind); `run` refuses studies shared with the training data."""
     if config.operating:
         folder = Path(config.operating)
     elif config.synthetic_studies is not None and config.operating_studies:
@@ -745,16 +745,17 @@ def operating_set(config: TrainConfig) -> Path | None:
         folder = _phantoms(config, natural_mix(config.synthetic_site),
                            config.seed + OPERATING_SEED_OFFSET, config.operating_studies)
     else:
-        return None
+        return None, set()
     from training.calibrate import MIN_STUDIES
 
     found = read_trainset(folder)
-    truth = StudySet.build(found.labels, found.labels, slice_headers(found.paths)).truth()[:, -1]
+    found_studies = StudySet.build(found.labels, found.labels, slice_headers(found.paths))
+    truth = found_studies.truth()[:, -1]
     bleeding, normal = int(truth.sum()), int(len(truth) - truth.sum())
     if min(bleeding, normal) < MIN_STUDIES:
         raise DataError(f"operating studies {folder}: {bleeding} bleeding and {normal} normal; at "
                         f"least {MIN_STUDIES} of each are needed to choose an operating point")
-    return folder
+    return folder, {s.uid for s in found_studies}
 
 
 def score_operating(forward, config: TrainConfig, folder: Path, choose) -> tuple:
@@ -812,9 +813,13 @@ def run(config: TrainConfig) -> Path | None:
     keras.utils.set_random_seed(config.seed)
     for folder in config.heldout:                       # a bad folder fails now, not after hours
         read_trainset(folder)
-    operating = operating_set(config)
+    operating, operating_uids = operating_set(config)
     cache, data_card = prepare_data(config)
     trainset, headers = cache.slices, cache.headers
+    shared = operating_uids & set(map(str, headers.studies))
+    if shared:   # a study the model trained on would place the threshold too kindly
+        raise DataError(f"{len(shared)} of the operating studies in {operating} are also in the "
+                        f"training data; choose the operating point on other studies")
     train_idx, calib_idx, test_idx = split(trainset, config.split, headers.studies)
     train, calib, test = (trainset.take(i) for i in (train_idx, calib_idx, test_idx))
     log.info("split %s: %d training, %d calibration, %d test images", config.split, len(train),

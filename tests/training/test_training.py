@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ich.decision import StudyRule
-from ich.labels import LABELS
+from ich.labels import DEFAULT_THRESHOLDS, LABELS
 from ich.model import ModelCard, load_artifact
 from training import calibrate, data as training_data, synthetic, train
 from tests.modelfactory import LOOP_ENGINE
@@ -126,8 +126,10 @@ def test_operating_point_is_chosen_on_separate_operating_studies(run, tmp_path):
     assert len(operating["rules"]) == 5 and operating["images"] == len(list(folder.glob("stage_2_train/*.dcm")))
     here = card.metrics["calibration"]["chosen_here"]    # calibration's own point, restorable
     assert here["name"] in ("max", "consecutive", "topk") and set(here["thresholds"]) == set(LABELS)
+    rows = card.metrics["calibration"]["rules"]   # none: calibration held no bleeding study
     assert any(r["rule"] == str(StudyRule.from_card(here, here["thresholds"]))
-               and r["threshold"] == here["thresholds"]["any"] for r in card.metrics["calibration"]["rules"])
+               and r["threshold"] == here["thresholds"]["any"] for r in rows) or (
+        not rows and here == {"name": "max", "k": 1, "thresholds": DEFAULT_THRESHOLDS})
     uids = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
             for f in (*run["phantoms"].glob("stage_2_train/*.dcm"), *folder.glob("stage_2_train/*.dcm"))}
     assert len(uids) == 6 + 14                   # no study shared with training's phantoms
@@ -142,6 +144,14 @@ def test_too_few_operating_studies_are_refused_before_training(tmp_path, capsys)
                  str(tmp_path / "few"), "--out", str(tmp_path / "m")]) == 2
     assert "at least 5 of each" in capsys.readouterr().err and few == 3
     assert not (tmp_path / "p").exists()         # nothing generated, nothing trained
+    # Studies the model would train on cannot choose its operating point: refused before training.
+    shared = tmp_path / "shared"
+    synthetic.generate(shared, studies=18, seed=2, slices=(4, 5))     # 6 bleeding, 12 normal
+    assert main(["--synthetic-studies", "18", "--synthetic-slices", "4", "5", "--synthetic-dir",
+                 str(shared), "--operating", str(shared), "--input-size", "75", "--out",
+                 str(tmp_path / "m"), "--version", "v"]) == 2
+    assert "also in the training data" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "runs" / "v" / "history.csv").exists()
 
 
 def test_context_head_is_measured_beside_the_slice_model(run):
