@@ -134,17 +134,18 @@ def test_a_declared_giant_pdu_allocates_nothing_and_is_aborted(listener):
         s.sendall(b"\x01\x00\xff\xff\xff\xff")        # A-ASSOCIATE-RQ, length 4 GiB - 1
         return s
 
-    idle = memory_mib(listener.proc.pid)
-    peers = [attack() for _ in range(16)]
-    answers = []   # what each attacker reads before the listener closes its connection
-    for peer in peers:
+    def answer(peer) -> bytes:   # what an attacker reads before its connection is closed
         got = b""
         try:
             while len(got) < len(A_ABORT_INVALID_PDU) and (chunk := peer.recv(64)):
                 got += chunk
         except ConnectionResetError:
             pass
-        answers.append(got)
+        return got
+
+    idle = memory_mib(listener.proc.pid)
+    peers = [attack() for _ in range(16)]
+    answers = [answer(peer) for peer in peers]
     assert _closed_by_listener(peers) < 5
     assert answers == [A_ABORT_INVALID_PDU] * 16
     # Each aborted connection holds its slot until the association's ARTIM wait for an
@@ -157,13 +158,21 @@ def test_a_declared_giant_pdu_allocates_nothing_and_is_aborted(listener):
     assoc = associate(listener.port, slices[:1])
     try:
         got = [assoc.send_c_store(ds).get("Status", -1) for ds in slices[:5]]
-        attackers = threading.Thread(target=lambda: _closed_by_listener([attack() for _ in range(16)]))
+        outcome = []   # filled only if the thread ran to its end: its failures are not lost
+
+        def attack_sixteen():
+            more = [attack() for _ in range(16)]
+            outcome.append(([answer(peer) for peer in more], _closed_by_listener(more)))
+
+        attackers = threading.Thread(target=attack_sixteen)
         attackers.start()
         got += [assoc.send_c_store(ds).get("Status", -1) for ds in slices[5:]]
         attackers.join(15)
     finally:
         assoc.release()
     assert got == [0x0000] * 10
+    assert not attackers.is_alive() and outcome, "the attackers did not finish"
+    assert outcome[0][0] == [A_ABORT_INVALID_PDU] * 16 and outcome[0][1] < 5
     _served_within(listener.port, 10, instance=11)       # and a new sender after them
     peak = memory_mib(listener.proc.pid, "VmHWM")
     assert peak - idle < 50, f"peak RSS {peak:.0f} MiB against {idle:.0f} MiB idle"
