@@ -9,7 +9,8 @@ threshold on the calibration studies under the card's study rule (as `training.c
 nothing written), and reports every site at the card's operating point and at the calibration
 studies' one against issue 12's bar (`BAR`), with the band of `any` thresholds that
 would have met it on each site (None: the ranking fails; a band that misses the chosen
-threshold: the operating point does). Every figure in docs/training.md since the sixth
+threshold: the operating point does) and on every site at once (`joint_band`: its width in
+logits is how much room the model leaves across sites, whatever calibration chose). Every figure in docs/training.md since the sixth
 session was measured on these sets.
 
     python -m training.external --model models/current     # JSON on stdout, a table on stderr
@@ -126,6 +127,8 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
                               "threshold": r.thresholds["any"], "passed": meets(m)}
         result["sites"][name] = figures
     result["passed"] = all(s["calibration"]["passed"] for s in result["sites"].values())
+    joint = studies.joint_band(sites.values(), base, BAR["recall"], BAR["specificity"])
+    result["joint_band"] = joint and {"band": list(joint), "logits": _logit(joint[1]) - _logit(joint[0])}
     if draws:
         result["bootstrap"] = bootstrap(base, calibration, sites, draws, draw_size, target_recall,
                                         confidence, placement)
@@ -166,6 +169,14 @@ def bootstrap(rule, calibration: "StudySet", sites: dict[str, "StudySet"], draws
         every += all(ok.values())
     return {"rule": str(rule), "draws": draws, "size": size, "seed": seed,
             "passed": every / draws, "sites": {name: n / draws for name, n in passed.items()}}
+
+
+def _logit(p: float) -> float:
+    """log(p / (1 - p)) with p kept in [1e-7, 1 - 1e-7], as `choose_rule` clamps thresholds."""
+    import math
+
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
 
 
 def _at(truth, scores, threshold: float, auc: float | None) -> dict:
@@ -237,6 +248,10 @@ def table(result: dict) -> str:
         band = f"({band[0]:.3f}, {band[1]:.3f}]" if band else "none"
         lines.append(f"| {name} ({s['studies']}) | {_fmt(auc)} | {_fmt(best)} | {band} | {cell(s['card'])} | "
                      f"{cell(s['calibration'])} |")
+    joint = result.get("joint_band")
+    lines.append(f"`any` thresholds meeting the bar on every site at once: ({joint['band'][0]:.3f}, "
+                 f"{joint['band'][1]:.3f}], {joint['logits']:.2f} logits wide" if joint
+                 else "no `any` threshold meets the bar on every site at once")
     lines.append("bar met at the calibration point on every site" if result["passed"]
                  else "bar NOT met at the calibration point on every site")
     if "bootstrap" in result:

@@ -295,6 +295,21 @@ def passing_band(studies: StudySet, rule: StudyRule, recall: float,
     return (lo, hi) if lo < hi else None
 
 
+def joint_band(sets, rule: StudyRule, recall: float,
+               specificity: float) -> tuple[float, float] | None:
+    """The `any` thresholds that meet both figures on every one of `sets` at once: the
+    intersection of their `passing_band`s (None where one has none, or they do not overlap).
+    How much room a model's ranking leaves across sites, whatever a calibration chose: seeds
+    whose sites each pass somewhere can still have no threshold that serves them all."""
+    lo, hi = 0.0, 1.0
+    for studies in sets:
+        band = passing_band(studies, rule, recall, specificity)
+        if band is None:
+            return None
+        lo, hi = max(lo, band[0]), min(hi, band[1])
+    return (lo, hi) if lo < hi else None
+
+
 def errors_by(studies: StudySet, rule: StudyRule, attributes: dict[str, dict[str, float]],
               bins: int = 3) -> dict:
     """Which studies `rule` gets wrong, by each numeric attribute of a study (e.g. a phantom's

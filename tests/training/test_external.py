@@ -16,7 +16,7 @@ from ich.labels import LABELS
 from ich.model import ModelCard
 from tests.modelfactory import blood_detector
 from training import calibrate, external, synthetic
-from training.studies import Study, StudySet, best_specificity, passing_band, study_metrics
+from training.studies import Study, StudySet, best_specificity, joint_band, passing_band, study_metrics
 
 ARGS = ["--studies", "8", "--calibration-studies", "24", "--slices", "6", "8", "--workers", "1"]
 
@@ -57,6 +57,23 @@ def test_passing_band_holds_every_threshold_that_meets_both_figures_and_no_other
             m = study_metrics(s, StudyRule("max", 1, {**rule.thresholds, "any": float(t)}))
             meets = m["recall"] >= 0.9 and m["specificity"] >= 0.85
             assert meets == (band is not None and band[0] < t <= band[1]), t
+
+
+def test_joint_band_holds_the_thresholds_meeting_both_figures_on_every_set_at_once():
+    rule = StudyRule("max", 1)
+    a, b = _studies([0.9, 0.8, 0.7, 0.2], [0.1, 0.3, 0.75, 0.85]), _studies([0.9, 0.6], [0.2, 0.5])
+    assert joint_band([a, b], rule, 0.75, 0.5) == (0.3, 0.6)      # (0.3, 0.7] and (0.2, 0.6]
+    assert joint_band([a, _studies([0.9, 0.25], [0.1, 0.2])], rule, 0.75, 0.5) is None  # (0.1, 0.25]
+    assert joint_band([a, _studies([0.9], [])], rule, 0.75, 0.5) is None          # one has none
+    rng = np.random.default_rng(5)
+    for _ in range(8):        # against the product's own figures on every set at every threshold
+        sets = [_studies(rng.beta(5, 1, 12), rng.beta(1, 5, 10)) for _ in range(3)]
+        band = joint_band(sets, rule, 0.9, 0.8)
+        scores = np.concatenate([s.scores(rule)[:, -1] for s in sets])
+        for t in np.unique(np.concatenate([[0.0, 1.0], scores, np.nextafter(scores, 2.0)])):
+            every = all(m["recall"] >= 0.9 and m["specificity"] >= 0.8 for m in (
+                study_metrics(s, StudyRule("max", 1, {**rule.thresholds, "any": float(t)})) for s in sets))
+            assert every == (band is not None and band[0] < t <= band[1]), t
 
 
 def test_meets_needs_every_figure_of_the_bar():
@@ -138,6 +155,9 @@ def test_saved_scores_give_the_same_figures_without_the_model(run):
         assert again["sites"][name]["best_specificity"] == site["best_specificity"]
         band = again["sites"][name]["passing_band"]
         assert (list(band) if band else None) == site["passing_band"]
+    joint = joint_band(saved.values(), ModelCard.read(model).rule(), 0.95, 0.85)
+    assert result["joint_band"] == (joint and {"band": list(joint), "logits": pytest.approx(
+        np.log(joint[1] / (1 - joint[1])) - np.log(joint[0] / (1 - joint[0])))})
     # The threshold's place in calibration's gap moves it between the gap's ends, nothing else.
     low, high = (external.judge(result["model"], ModelCard.read(model).rule(), calibration, saved,
                                 placement=f) for f in (0.01, 1.0))
