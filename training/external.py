@@ -128,7 +128,8 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
         result["sites"][name] = figures
     result["passed"] = all(s["calibration"]["passed"] for s in result["sites"].values())
     joint = studies.joint_band(sites.values(), base, BAR["recall"], BAR["specificity"])
-    result["joint_band"] = joint and {"band": list(joint), "logits": _logit(joint[1]) - _logit(joint[0])}
+    result["joint_band"] = (None if joint is None else
+                            {"band": list(joint), "logits": _logit(joint[1]) - _logit(joint[0])})
     if draws:
         result["bootstrap"] = bootstrap(base, calibration, sites, draws, draw_size, target_recall,
                                         confidence, placement)
