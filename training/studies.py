@@ -186,15 +186,46 @@ def study_threshold(y, scores, target_recall: float | None,
     return float(sigmoid(logit(low) + placement * (logit(high) - logit(low)))), round(gap, 4)
 
 
+def floors_threshold(y, scores, recall_floor: float,
+                     specificity_floor: float) -> tuple[float | None, float]:
+    """The threshold with the most room above both floors on these studies, and that room.
+
+    It maximises min(recall − `recall_floor`, specificity − `specificity_floor`) and sits at the
+    midpoint, in logits, of the thresholds that tie (between the scores around them, as
+    `study_threshold` places its gap). For a site's own studies: `study_threshold` aims recall at
+    its target exactly, so about half of new samples fall under it, while a site's normals leave
+    room a floor can use (docs/training.md, "Calibrating on a site's own studies": the bar met
+    more often on 20 of 21 seeds × sites). Not for training's studies, whose normals are nearly
+    all silent at any threshold: it would sink to where a new site's normals alert. The room is
+    negative where no threshold meets both floors here. (None, 0) without both kinds of study.
+    """
+    y, scores = np.asarray(y) > 0.5, np.asarray(scores, np.float64)
+    if y.all() or not y.any():
+        return None, 0.0
+    edges = np.unique(scores)                       # alerts are score >= t: t = edges[i] alerts
+    bleeds, normals = np.sort(scores[y]), np.sort(scores[~y])   # what edges[i:] hold
+    recall = 1 - np.searchsorted(bleeds, edges, "left") / len(bleeds)
+    specificity = np.searchsorted(normals, edges, "left") / len(normals)
+    room = np.append(np.minimum(recall - recall_floor, specificity - specificity_floor),
+                     -recall_floor)                 # above every score: no alert at all
+    best = np.flatnonzero(room == room.max())       # one run: recall falls, specificity rises
+    low = float(edges[best[0] - 1]) if best[0] else 0.0
+    high = float(edges[best[-1]]) if best[-1] < len(edges) else 1.0
+    low, high = (min(max(v, 1e-7), 1 - 1e-7) for v in (low, high))
+    return float(sigmoid((logit(low) + logit(high)) / 2)), round(float(room.max()), 4)
+
+
 def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDIDATES,
                 confidence: float | None = RECALL_CONFIDENCE,
-                placement: float | None = None) -> tuple[StudyRule, list[dict]]:
+                placement: float | None = None,
+                floors: tuple[float, float] | None = None) -> tuple[StudyRule, list[dict]]:
     """The rule and per-label study thresholds for `target_recall` (held on new studies with
     `confidence`), chosen on `studies` (calibration), the `any` threshold at `placement` of its
-    gap (None: GAP_PLACEMENT). Returns the rule and one row per candidate
-    (what each achieved, and the confidence its `any` threshold reached), for the model card.
-    Without a target, or without positive calibration studies, `max` with the default
-    thresholds."""
+    gap (None: GAP_PLACEMENT), or, with `floors` (recall, specificity), where
+    `floors_threshold` leaves the most room above both. Returns the rule and one row per
+    candidate (what each achieved, and the confidence its `any` threshold reached), for the
+    model card. Without a target, or without positive calibration studies, `max` with the
+    default thresholds."""
     truth = studies.truth()
     if target_recall is None or not truth[:, -1].any():
         return StudyRule("max", 1, dict(DEFAULT_THRESHOLDS)), []
@@ -212,13 +243,19 @@ def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDI
             if t is not None:
                 thresholds[label] = float(min(max(t, 1e-7), 1 - 1e-7))
                 gap = label_gap if label == ANY else gap
+        if floors is not None:
+            t, gap = floors_threshold(truth[:, -1], scores[:, -1], *floors)
+            thresholds[ANY] = float(min(max(t, 1e-7), 1 - 1e-7))
         rule = rule.with_thresholds(thresholds)
         point = _point(truth[:, -1], scores[:, -1] >= thresholds[ANY])
         a = auc(truth[:, -1], scores[:, -1])
         rows.append({"rule": str(rule), "threshold": thresholds[ANY], "auc": a, **point,
-                     "gap_logit": gap, "gap_placement": GAP_PLACEMENT if placement is None else placement,
-                     "recall_confidence": reached})
-        key = (point["specificity"] or 0.0, gap, a or 0.0, -rank)
+                     **({"floors": list(floors), "floor_room": gap} if floors is not None else
+                        {"gap_logit": gap,
+                         "gap_placement": GAP_PLACEMENT if placement is None else placement}),
+                     "recall_confidence": None if floors is not None else reached})
+        key = ((gap, a or 0.0, -rank) if floors is not None else   # the most room, or
+               (point["specificity"] or 0.0, gap, a or 0.0, -rank))   # the quietest, widest gap
         if best_key is None or key > best_key:
             best, best_key = rule, key
     return best, rows

@@ -80,3 +80,36 @@ def test_too_few_local_studies_are_refused(detector, tmp_path, capsys):
     assert exit_info.value.code == 2 and not (tmp_path / "m").exists()
     err = capsys.readouterr().err
     assert "--gap-placement" in err and "must be in (0, 1]" in err
+
+
+def test_floors_choose_the_threshold_with_the_most_room_above_both(detector, capsys):
+    """`--floors 0.95 0.85`: on a site the detector separates, every bleed alerts and every
+    normal is silent, the room is what the floors leave (min(0.05, 0.15)), and the card says
+    which floors chose it."""
+    root, model, site = detector
+    code = calibrate.main(["--model", str(model), "--data", str(site), "--out", str(root / "models"),
+                           "--version", "detector-floors", "--floors", "0.95", "0.85"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    card = ModelCard.read(root / "models" / "detector-floors")
+    figures = card.metrics["site_calibration"]
+    assert printed["floors"] == figures["floors"] == [0.95, 0.85]
+    assert (figures["study_after"]["tp"], figures["study_after"]["fp"]) == (6, 0)
+    assert figures["rules"][0]["floor_room"] == 0.05 and figures["recall_confidence"] is None
+    assert printed["thresholds"]["any"] == card.thresholds["any"]
+    assert 1e-4 < card.thresholds["any"] < 0.5
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--floors", "0", "0.85"], "must be in (0, 1]"),
+    (["--floors", "0.95", "nan"], "must be in (0, 1]"),
+    (["--floors", "0.95", "0.85", "--recall-confidence", "0.9"], "drop --recall-confidence"),
+    (["--floors", "0.95", "0.85", "--gap-placement", "0.3"], "drop --recall-confidence"),
+])
+def test_floors_out_of_range_or_with_another_choice_are_refused_before_scoring(
+        detector, tmp_path, capsys, extra, message):
+    _, model, site = detector
+    with pytest.raises(SystemExit) as refused:
+        calibrate.main(["--model", str(model), "--data", str(site), "--out", str(tmp_path / "m"), *extra])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

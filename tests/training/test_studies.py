@@ -114,6 +114,34 @@ def test_threshold_sits_mid_gap_below_the_bleeds_the_target_recall_keeps():
     assert (plain.name, dict(plain.thresholds), rows) == ("max", DEFAULT_THRESHOLDS, [])
 
 
+def test_floors_threshold_leaves_the_most_room_above_both_floors_mid_way_between_scores():
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    # Bleeds 0.9, 0.8, 0.7, 0.6; normals 0.1, 0.2, 0.3, 0.65. Alerting at >= 0.6 keeps every
+    # bleed and silences 3 of 4 normals: room min(1 - 0.75, 0.75 - 0.5) = 0.25, and nothing
+    # else gets it; any t in (0.3, 0.6] alerts the same studies, so t sits mid-way in logits.
+    y, s = [1, 1, 1, 1, 0, 0, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.65]
+    t, room = studies.floors_threshold(y, s, 0.75, 0.5)
+    assert room == 0.25 and logit(t) == pytest.approx((logit(0.3) + logit(0.6)) / 2)
+    assert studies.floors_threshold([1, 1], [0.5, 0.7], 0.9, 0.8) == (None, 0.0)
+    rng = np.random.default_rng(4)
+    for _ in range(10):          # against every threshold that matters, on overlapping scores
+        y = np.r_[np.ones(30), np.zeros(40)] > 0
+        s = np.r_[rng.beta(4, 2, 30), rng.beta(2, 4, 40)]
+        t, room = studies.floors_threshold(y, s, 0.95, 0.85)
+        room_at = lambda u: min(np.mean(s[y] >= u) - 0.95, np.mean(s[~y] < u) - 0.85)  # noqa: E731
+        grid = np.unique(np.r_[s, np.nextafter(s, 2.0), 1.0])
+        assert room == pytest.approx(max(room_at(u) for u in grid), abs=1e-4)
+        assert room_at(t) == pytest.approx(room, abs=1e-4)
+        assert not np.isin(t, s), "between scores, never on one"
+    # Through choose_rule: the `any` threshold is the floors' one; the row records them.
+    calibration = make_set(bleeds(20, rng) + spiky_normals(8, rng))
+    rule, rows = studies.choose_rule(calibration, 0.95, candidates=[("max", 1)], floors=(0.95, 0.85))
+    y, s = calibration.truth()[:, -1], calibration.scores(rule)[:, -1]
+    assert rule.thresholds[ANY] == pytest.approx(studies.floors_threshold(y, s, 0.95, 0.85)[0])
+    assert rows[0]["floors"] == [0.95, 0.85] and "gap_placement" not in rows[0]
+    assert rows[0]["floor_room"] == studies.floors_threshold(y, s, 0.95, 0.85)[1]
+
+
 def test_recall_confidence_holds_the_target_on_new_studies_not_only_on_average():
     # The k-th highest of P calibration bleeds, replayed 4,000 times on scores whose coverage
     # is known exactly (uniform: a threshold t keeps 1 - t of all new bleeds).
