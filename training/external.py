@@ -107,6 +107,7 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
     `bootstrap`'s share of calibration sets that would meet the bar. Takes any scores, so models
     can be compared, or combined, from saved scores (`read_scores`) without scoring again."""
     from training import studies
+    from training.evaluate import logit
 
     sources = sources or {}
     base = calibrated_rule or rule
@@ -129,7 +130,7 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
     result["passed"] = all(s["calibration"]["passed"] for s in result["sites"].values())
     joint = studies.joint_band(sites.values(), base, BAR["recall"], BAR["specificity"])
     result["joint_band"] = (None if joint is None else
-                            {"band": list(joint), "logits": _logit(joint[1]) - _logit(joint[0])})
+                            {"band": list(joint), "logits": float(logit(joint[1]) - logit(joint[0]))})
     if draws:
         result["bootstrap"] = bootstrap(base, calibration, sites, draws, draw_size, target_recall,
                                         confidence, placement)
@@ -170,14 +171,6 @@ def bootstrap(rule, calibration: "StudySet", sites: dict[str, "StudySet"], draws
         every += all(ok.values())
     return {"rule": str(rule), "draws": draws, "size": size, "seed": seed,
             "passed": every / draws, "sites": {name: n / draws for name, n in passed.items()}}
-
-
-def _logit(p: float) -> float:
-    """log(p / (1 - p)) with p kept in [1e-7, 1 - 1e-7], as `choose_rule` clamps thresholds."""
-    import math
-
-    p = min(max(p, 1e-7), 1 - 1e-7)
-    return math.log(p / (1 - p))
 
 
 def _at(truth, scores, threshold: float, auc: float | None) -> dict:

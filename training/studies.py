@@ -195,7 +195,7 @@ def floors_threshold(y, scores, recall_floor: float,
     `study_threshold` places its gap). For a site's own studies: `study_threshold` aims recall at
     its target exactly, so about half of new samples fall under it, while a site's normals leave
     room a floor can use (docs/training.md, "Calibrating on a site's own studies": the bar met
-    more often on 20 of 21 seeds × sites). Not for training's studies, whose normals are nearly
+    more often on 26 of 27 model × site pairs). Not for training's studies, whose normals are nearly
     all silent at any threshold: it would sink to where a new site's normals alert. The room is
     negative where no threshold meets both floors here. (None, 0) without both kinds of study.
     """
