@@ -13,18 +13,21 @@ from training import calibrate
 from training.synthetic import make_study, to_bytes
 
 
-def _site(folder, bleeding: int, normal: int):
+def _site(folder, bleeding: int, normal: int, mislabelled: int = 0):
     """Legacy phantoms (what the hand-weighted detector sees right): intraparenchymal bleeds
-    and normal studies, in RSNA layout."""
+    and normal studies, in RSNA layout; the first `mislabelled` normal studies are labelled as
+    bleeding (a reader's error: no threshold can alert them and stay silent on the others)."""
     images = folder / "stage_2_train"
     images.mkdir(parents=True)
     rows = ["ID,Label"]
     for index in range(bleeding + normal):
         subtypes = ("intraparenchymal",) if index < bleeding else ()
+        wrong = bleeding <= index < bleeding + mislabelled
         for s in make_study(41, index, slices=(8, 10), subtypes=subtypes, variant="default",
                             site="legacy"):
             (images / f"{s.image_id}.dcm").write_bytes(to_bytes(s.dataset))
-            rows += [f"{s.image_id}_{label},{s.labels[label]}" for label in LABELS]
+            rows += [f"{s.image_id}_{label},{1 if wrong and label in ('any', 'intraparenchymal') else s.labels[label]}"
+                     for label in LABELS]
     (folder / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -98,6 +101,20 @@ def test_floors_choose_the_threshold_with_the_most_room_above_both(detector, cap
     assert figures["rules"][0]["floor_room"] == 0.05 and figures["recall_confidence"] is None
     assert printed["thresholds"]["any"] == card.thresholds["any"]
     assert 1e-4 < card.thresholds["any"] < 0.5
+
+
+def test_floors_no_threshold_can_meet_are_said_and_the_nearest_is_kept(detector, tmp_path, caplog):
+    """A normal study labelled as a bleed scores like the normals: recall 1 and specificity 1
+    cannot both hold, so the log says so, and the threshold kept is the one nearest both."""
+    root, model, _ = detector
+    noisy = _site(tmp_path / "noisy", 6, 6, mislabelled=1)
+    assert calibrate.main(["--model", str(model), "--data", str(noisy), "--out", str(tmp_path / "m"),
+                           "--version", "noisy", "--floors", "1", "1"]) == 0
+    figures = ModelCard.read(tmp_path / "m" / "noisy").metrics["site_calibration"]
+    assert figures["rules"][0]["floor_room"] < 0
+    assert "no threshold meets recall >= 1.0 and specificity >= 1.0 on these 12 studies" in caplog.text
+    after = figures["study_after"]
+    assert (after["tp"], after["fp"]) == (6, 0), "the 6 real bleeds alert, the 5 normals do not"
 
 
 @pytest.mark.parametrize("extra, message", [
