@@ -236,16 +236,16 @@ def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDI
         scores = studies.scores(rule)
         thresholds, gap = dict(DEFAULT_THRESHOLDS), 0.0
         for i, label in enumerate(LABELS):
-            t, label_gap = study_threshold(truth[:, i], scores[:, i],
-                                           target_recall if label == ANY else None, confidence,
-                                           (GAP_PLACEMENT if placement is None else placement)
-                                           if label == ANY else 0.5)
+            if label == ANY and floors is not None:     # gap: the room above both floors
+                t, label_gap = floors_threshold(truth[:, i], scores[:, i], *floors)
+            else:
+                t, label_gap = study_threshold(truth[:, i], scores[:, i],
+                                               target_recall if label == ANY else None, confidence,
+                                               (GAP_PLACEMENT if placement is None else placement)
+                                               if label == ANY else 0.5)
             if t is not None:
                 thresholds[label] = float(min(max(t, 1e-7), 1 - 1e-7))
                 gap = label_gap if label == ANY else gap
-        if floors is not None:
-            t, gap = floors_threshold(truth[:, -1], scores[:, -1], *floors)
-            thresholds[ANY] = float(min(max(t, 1e-7), 1 - 1e-7))
         rule = rule.with_thresholds(thresholds)
         point = _point(truth[:, -1], scores[:, -1] >= thresholds[ANY])
         a = auc(truth[:, -1], scores[:, -1])
