@@ -18,6 +18,9 @@ session was measured on these sets.
                                                             # and each set's slice scores (.npz)
     python -m training.external --from-scores var/external/current --gap-placement 0.3
                                                             # judged again from them, no model
+    python -m training.external --model models/current --adapt-studies 120
+                                                            # research: each site scored after AdaBN
+                                                            # on 120 other studies of it (training.adapt)
 
 Saved scores (`read_scores`, `judge_saved`) go back through `judge` without a model: to try
 another operating-point choice, compare models on the same studies, look at the studies one
@@ -46,6 +49,9 @@ HELDOUT: tuple[tuple[str, int], ...] = (("site-d", 9960), ("site-e", 5360), ("si
 #: Calibration studies are drawn from the training site with this seed (no faint emphasis: the
 #: operating point should sit on the site's natural mix of bleeds, not training's).
 CALIBRATION_SEED = 7777
+#: `--adapt-studies`: a site's unlabelled adaptation studies use its seed plus this (other
+#: patients of the same site; docs/training.md, "Adapting BatchNorm").
+ADAPT_SEED_OFFSET = 1
 #: Issue 12's bar on a held-out site at the calibration studies' operating point.
 BAR = {"auc": 0.97, "recall": 0.95, "specificity": 0.85}
 
@@ -66,22 +72,33 @@ def meets(figures: dict) -> bool:
 
 def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_recall: float = 0.95,
              confidence: float | None = None, batch_size: int = 32, workers: int = 2,
-             scores: Path | None = None, placement: float | None = None, **judging) -> dict:
+             scores: Path | None = None, placement: float | None = None,
+             adapt: dict[str, Path] | None = None, adapt_layers: int | None = None,
+             adapt_normals_only: bool = False, **judging) -> dict:
     """Each of `sets` at the card's operating point and at the one `calibration` gives the
     card's rule; `passed` when every set meets `BAR` at the latter. With `scores`, each set's
-    per-slice scores are also written there (`write_scores`). `judging`: `judge`'s options."""
+    per-slice scores are also written there (`write_scores`). With `adapt` ({site: folder of
+    other studies of it}), each such site is scored by the model with BatchNorm statistics of
+    that folder (`training.adapt`, labels unread), in its first `adapt_layers` BatchNorm layers
+    (None: all), or from the folder's normal studies only (`adapt_normals_only`: labels pick
+    them, as a site where bleeds are rare); calibration keeps the model's own, as a site
+    adapting without labels would. `judging`: `judge`'s options."""
+    import tempfile
+
     from ich.model import load_artifact
     from training import evaluate, studies
+    from training.adapt import adapt as adapt_model
 
     model, card = load_artifact(model_dir)
     forward = evaluate.compiled_forward(model)
     if scores is not None:      # the card beside the scores: `judge_saved` needs nothing else
         Path(scores).mkdir(parents=True, exist_ok=True)
         card.write(Path(scores))
+    adapted: dict[str, dict] = {}
 
-    def study_set(name: str, folder: Path) -> "studies.StudySet":
+    def study_set(name: str, folder: Path, scorer=forward) -> "studies.StudySet":
         start = time.perf_counter()
-        _, _, y, p, headers, _ = evaluate.predict_folder(forward, card.input_size, folder, batch_size, workers)
+        _, _, y, p, headers, _ = evaluate.predict_folder(scorer, card.input_size, folder, batch_size, workers)
         scored = studies.StudySet.build(y, p, headers)
         log.info("scored %s: %d studies, %d slices in %.0f s", folder.name, len(scored), len(y),
                  time.perf_counter() - start)
@@ -89,12 +106,45 @@ def validate(model_dir: Path, sets: dict[str, Path], calibration: Path, target_r
             write_scores(Path(scores) / f"{name}.npz", y, p, headers, folder)
         return scored
 
+    def site_set(name: str, folder: Path) -> "studies.StudySet":
+        if name not in (adapt or {}):
+            return study_set(name, folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            source = (_normal_studies(Path(adapt[name]), Path(tmp) / "normals") if adapt_normals_only
+                      else Path(adapt[name]) / "stage_2_train")
+            own, own_card = load_artifact(adapt_model(model_dir, source, Path(tmp) / "models",
+                                                      f"{card.version}-{name}", batch_size=batch_size,
+                                                      workers=workers, layers=adapt_layers))
+            info = own_card.metrics["site_adaptation"]
+            adapted[name] = {"data": str(adapt[name]), "normals_only": adapt_normals_only,
+                             **{k: info[k] for k in ("slices", "files", "batchnorm_layers")}}
+            return study_set(name, folder, evaluate.compiled_forward(own))
+
     calibrated = study_set("calibration", calibration)
-    return judge(card.version, card.rule(), calibrated,
-                 {name: study_set(name, folder) for name, folder in sets.items()},
-                 target_recall, confidence,
-                 {"calibration": str(calibration), **{n: str(f) for n, f in sets.items()}}, placement,
-                 **judging)
+    result = judge(card.version, card.rule(), calibrated,
+                   {name: site_set(name, folder) for name, folder in sets.items()},
+                   target_recall, confidence,
+                   {"calibration": str(calibration), **{n: str(f) for n, f in sets.items()}}, placement,
+                   **judging)
+    if adapt:
+        result["adaptation"] = adapted
+    return result
+
+
+def _normal_studies(folder: Path, out: Path) -> Path:
+    """`out`, holding links to the slices of `folder`'s (RSNA layout) normal studies only."""
+    import os
+
+    from training.data import read_trainset, slice_headers
+
+    trainset = read_trainset(folder)
+    uids = slice_headers(trainset.paths).studies
+    bleeding = {uid for uid, y in zip(uids, trainset.labels[:, -1]) if y > 0.5}
+    out.mkdir(parents=True)
+    for path, uid in zip(trainset.paths, uids):
+        if uid not in bleeding:
+            os.symlink(Path(path).resolve(), out / Path(path).name)
+    return out
 
 
 def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySet"],
@@ -291,6 +341,14 @@ def main(argv=None) -> int:
                    help="studies per draw (default: as many as calibration has)")
     p.add_argument("--scores", type=Path, metavar="DIR",
                    help="also write each set's per-slice scores to DIR/<set>.npz (read_scores)")
+    p.add_argument("--adapt-studies", type=int, default=0, metavar="N",
+                   help="adapt the model's BatchNorm statistics to each site on N other, unlabelled "
+                        "studies of it (seed + ADAPT_SEED_OFFSET; training.adapt) before scoring it")
+    p.add_argument("--adapt-layers", type=int, metavar="K",
+                   help="with --adapt-studies: only the first K BatchNorm layers (default all)")
+    p.add_argument("--adapt-normals-only", action="store_true",
+                   help="with --adapt-studies: from their normal studies only (a site where bleeds "
+                        "are rare; labels pick them)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless every site meets the bar at the calibration point")
     p.add_argument("--batch-size", type=int, default=32)
@@ -300,6 +358,12 @@ def main(argv=None) -> int:
         check_placement(args.gap_placement)
     except ValueError as exc:
         p.exit(2, f"error: --gap-placement: {exc}\n")
+    if args.adapt_studies and (args.from_scores is not None or args.adapt_studies < 1):
+        p.exit(2, "error: --adapt-studies needs --model and N >= 1\n")
+    if (args.adapt_layers is not None or args.adapt_normals_only) and not args.adapt_studies:
+        p.exit(2, "error: --adapt-layers and --adapt-normals-only need --adapt-studies\n")
+    if args.adapt_layers is not None and args.adapt_layers < 1:
+        p.exit(2, "error: --adapt-layers must be >= 1\n")
     if args.bootstrap < 0 or (args.bootstrap_size is not None and args.bootstrap_size < 1):
         p.exit(2, "error: --bootstrap must be >= 0 and --bootstrap-size >= 1\n")
     judging = {"draws": args.bootstrap, "draw_size": args.bootstrap_size}
@@ -338,8 +402,11 @@ def _validate_model(args, slices: tuple[int, int], judging: dict) -> dict:
                           args.calibration_studies, slices, args.workers)
     sets = {name: dataset(args.root, name, seed, args.studies, slices, args.workers)
             for name, seed in HELDOUT}
+    adapt = {name: dataset(args.root, name, seed + ADAPT_SEED_OFFSET, args.adapt_studies, slices,
+                           args.workers) for name, seed in HELDOUT} if args.adapt_studies else None
     return validate(args.model, sets, calibration, args.target_recall, args.recall_confidence or None,
-                    args.batch_size, args.workers, args.scores, args.gap_placement, **judging)
+                    args.batch_size, args.workers, args.scores, args.gap_placement, adapt,
+                    args.adapt_layers, args.adapt_normals_only, **judging)
 
 
 if __name__ == "__main__":

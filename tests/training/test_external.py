@@ -232,3 +232,41 @@ def test_bootstrap_share_is_judge_on_each_drawn_calibration_set(run, capsys):
         with pytest.raises(SystemExit) as refused:
             external.main(["--from-scores", str(root / "scores"), *bad])
         assert refused.value.code == 2
+
+
+def test_adapt_studies_score_each_site_with_its_own_batchnorm_statistics(tmp_path, monkeypatch):
+    """`--adapt-studies N`: each site is scored by the model adapted on N other studies of it
+    (its seed + ADAPT_SEED_OFFSET); calibration is scored by the model as it is."""
+    from tests.modelfactory import LOOP_ENGINE, random_inception
+    from training import adapt
+
+    monkeypatch.setattr(adapt, "MIN_SLICES", 4)
+    model = random_inception(tmp_path / "models", engine=LOOP_ENGINE)
+    args = ["--model", str(model), "--root", str(tmp_path / "data"), "--studies", "2",
+            "--calibration-studies", "4", "--slices", "6", "8", "--workers", "1", "--batch-size", "4"]
+    assert external.main([*args, "--scores", str(tmp_path / "plain")]) == 0
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert external.main([*args, "--scores", str(tmp_path / "adapted"), "--adapt-studies", "2"]) == 0
+    adapted = json.loads(out.getvalue())["adaptation"]
+    assert set(adapted) == {name for name, _ in external.HELDOUT}
+    for name, seed in external.HELDOUT:
+        assert f"seed{seed + external.ADAPT_SEED_OFFSET}-studies2-" in adapted[name]["data"]
+        assert adapted[name]["slices"] >= 8
+        plain, own = (np.load(tmp_path / run / f"{name}.npz")["probabilities"] for run in ("plain", "adapted"))
+        assert plain.shape == own.shape and np.abs(plain - own).max() > 1e-3, name
+    np.testing.assert_array_equal(np.load(tmp_path / "plain" / "calibration.npz")["probabilities"],
+                                  np.load(tmp_path / "adapted" / "calibration.npz")["probabilities"])
+    monkeypatch.setattr(sys, "stdout", out := io.StringIO())
+    assert external.main([*args, "--adapt-studies", "2", "--adapt-normals-only", "--adapt-layers", "2"]) == 0
+    normals = json.loads(out.getvalue())["adaptation"]
+    for name, _ in external.HELDOUT:     # the same studies, their normal ones' slices only
+        assert normals[name]["normals_only"] and normals[name]["batchnorm_layers"] == 2
+        assert normals[name]["data"] == adapted[name]["data"]
+        assert normals[name]["slices"] < adapted[name]["slices"] or normals[name]["files"] < adapted[name]["files"]
+    for bad in (["--from-scores", str(tmp_path / "plain"), "--adapt-studies", "2"],
+                [*args, "--adapt-layers", "2"], [*args, "--adapt-normals-only"],
+                [*args, "--adapt-studies", "2", "--adapt-layers", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            external.main(bad)
+        assert exit_info.value.code == 2

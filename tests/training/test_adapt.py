@@ -1,0 +1,102 @@
+"""`training.adapt`: BatchNorm statistics taken from a site's unlabelled DICOM files, nothing
+else changed, written as a new version."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ich.imaging import load_slice
+from ich.model import ModelCard, load_artifact
+from tests.modelfactory import LOOP_ENGINE, SIZE, random_inception
+from training import adapt
+from training.synthetic import make_study, to_bytes
+
+
+def _export(folder, studies: int, slices=(6, 7)) -> list:
+    """A site's export as a PACS or `storescp` leaves it: study/series folders, files without
+    an extension, no label file; plus a text file and a truncated slice, which are skipped."""
+    good = []
+    for index in range(studies):
+        for n, s in enumerate(make_study(61, index, slices=slices, site="site-e")):
+            path = folder / f"study{index}" / "series1" / f"IM{n:04d}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(to_bytes(s.dataset))
+            good.append(path)
+    (folder / "README.txt").write_text("exported by the PACS\n")
+    (folder / "study0" / "series1" / "IM9999").write_bytes(good[0].read_bytes()[:3000])
+    return good
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return random_inception(tmp_path_factory.mktemp("adapt") / "models", engine=LOOP_ENGINE)
+
+
+def test_adapted_model_uses_the_sites_statistics_and_keeps_everything_else(model, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(adapt, "MIN_SLICES", 8)
+    good = _export(tmp_path / "export", 2)
+    folder = adapt.adapt(model, tmp_path / "export", tmp_path / "models", "site-adapted",
+                         batch_size=len(good))
+    assert folder == tmp_path / "models" / "site-adapted"
+    before, after = ModelCard.read(model), ModelCard.read(folder)
+    assert after.version == "site-adapted" and after.thresholds == before.thresholds
+    assert after.study_rule == before.study_rule
+    site = after.metrics["site_adaptation"]
+    assert site["from_version"] == before.version and site["slices"] == len(good)
+    assert site["files"] == len(good) + 2 and site["decode"]["skipped"] == 2
+    assert site["batchnorm_layers"] == site["of_batchnorm_layers"] > 10
+
+    original, _ = load_artifact(model)
+    adapted, _ = load_artifact(folder)
+    images = np.stack([load_slice(p, SIZE) for p in good])
+    # AdaBN's defining property: with the site's statistics, inference on the site's slices is
+    # the original network normalising them by their own batch statistics (float32 through
+    # MobileNet's 27 BatchNorm layers: agreement to about 1e-4, while the training site's
+    # statistics miss by far more).
+    expected = np.asarray(original(images, training=True))
+    error = np.abs(np.asarray(adapted(images, training=False)) - expected).max()
+    unadapted = np.abs(np.asarray(original(images, training=False)) - expected).max()
+    assert error < 2e-3 and unadapted > 20 * error
+    moving = ("moving_mean", "moving_variance")
+    for w0, w1 in zip(original.weights, adapted.weights):
+        if not w0.path.endswith(moving):
+            np.testing.assert_array_equal(np.asarray(w0), np.asarray(w1), err_msg=w0.path)
+
+
+def test_only_the_first_layers_are_adapted_when_asked(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(adapt, "MIN_SLICES", 8)
+    good = _export(tmp_path / "export", 2)
+    folder = adapt.adapt(model, tmp_path / "export", tmp_path / "models", "stem", batch_size=8,
+                         layers=3)
+    assert ModelCard.read(folder).metrics["site_adaptation"]["batchnorm_layers"] == 3
+    original, _ = load_artifact(model)
+    adapted, _ = load_artifact(folder)
+    changed = [not np.array_equal(np.asarray(w0), np.asarray(w1))
+               for w0, w1 in zip(original.weights, adapted.weights) if w0.path.endswith("moving_mean")]
+    assert changed[:3] == [True] * 3 and not any(changed[3:])
+    assert len(good) >= 8
+
+
+def test_a_folder_too_small_is_refused_and_nothing_is_written(model, tmp_path):
+    _export(tmp_path / "export", 1)
+    with pytest.raises(ValueError, match="at least 256 are needed"):
+        adapt.adapt(model, tmp_path / "export", tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+    with pytest.raises(ValueError, match="at least one BatchNorm layer"):
+        adapt.adapt(model, tmp_path / "export", tmp_path / "models", layers=0)
+    with pytest.raises(ValueError, match="not a folder"):
+        adapt.adapt(model, tmp_path / "nowhere", tmp_path / "models")
+
+
+def test_a_large_folder_is_sampled_to_max_slices(tmp_path):
+    for n in range(30):
+        (tmp_path / f"d{n % 3}").mkdir(exist_ok=True)
+        (tmp_path / f"d{n % 3}" / f"f{n}").write_bytes(b"x")
+    (tmp_path / ".hidden").write_bytes(b"x")
+    (tmp_path / "DICOMDIR").write_bytes(b"x")
+    paths, listed = adapt.slice_files(tmp_path, 12, seed=3)
+    assert listed == 30 and len(set(paths)) == 12
+    assert paths == adapt.slice_files(tmp_path, 12, seed=3)[0]
+    everything, total = adapt.slice_files(tmp_path, 100)
+    assert total == 30 and not any(p.endswith(("hidden", "DICOMDIR")) for p in everything)
