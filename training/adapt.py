@@ -48,8 +48,8 @@ def slice_files(data_dir: Path, limit: int, seed: int = 0) -> tuple[list[str], i
                 continue
             found.append(os.path.join(folder, name))
             if len(found) > MAX_FILES:
-                raise ValueError(f"{data_dir} holds more than {MAX_FILES} files; point --data at "
-                                 "a folder of this site's head CTs")
+                raise ValueError(f"{data_dir} holds more than {MAX_FILES} files; give a folder of "
+                                 "this site's head CTs")
     listed = len(found)
     if listed > limit:
         found = [found[i] for i in np.sort(np.random.default_rng(seed).choice(listed, limit, replace=False))]
@@ -93,20 +93,20 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
         raise ValueError(f"{data_dir}: {used} decodable CT slices of {len(paths)} files; at least "
                          f"{MIN_SLICES} are needed to estimate BatchNorm statistics "
                          f"(skipped: {decoder.report()['reasons']})")
-    adapted = len(statistics.layers) - len(kept)
+    adapted, averaged = len(statistics.layers) - len(kept), used - used % batch_size
     version = version or f"{card.version}-adapted-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     site = {"method": "BatchNorm statistics re-estimated on unlabelled slices (AdaBN)",
             "data": str(data_dir), "from_version": card.version, "files": listed,
-            "slices": used - used % batch_size, "batch_size": batch_size, "seed": seed, "batchnorm_layers": adapted,
-            "of_batchnorm_layers": len(statistics.layers),
+            "slices": averaged, "batch_size": batch_size, "seed": seed,
+            "batchnorm_layers": adapted, "of_batchnorm_layers": len(statistics.layers),
             "decode": decoder.report()}
     new = replace(card, version=version, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   metrics={**card.metrics, "site_adaptation": site},
-                  notes=(card.notes + f" BatchNorm statistics re-estimated on {used} unlabelled "
+                  notes=(card.notes + f" BatchNorm statistics re-estimated on {averaged} unlabelled "
                          f"slices of the site ({data_dir}) by training.adapt; weights "
                          "and operating point are the training run's, whose figures are above.").strip())
     folder = save_artifact(model, new, Path(out))
-    log.info("adapted %d BatchNorm layers on %d slices (%d skipped) in %.0f s -> %s", adapted, used,
+    log.info("adapted %d BatchNorm layers on %d slices (%d skipped) in %.0f s -> %s", adapted, averaged,
              len(decoder.skipped), time.perf_counter() - start, folder)
     return folder
 

@@ -253,7 +253,8 @@ def test_adapt_studies_score_each_site_with_its_own_batchnorm_statistics(tmp_pat
     for name, seed in external.HELDOUT:
         assert f"seed{seed + external.ADAPT_SEED_OFFSET}-studies2-" in adapted[name]["data"]
         assert adapted[name]["slices"] >= 8
-        plain, own = (np.load(tmp_path / run / f"{name}.npz")["probabilities"] for run in ("plain", "adapted"))
+        plain, own = (np.load(tmp_path / run / f"{name}.npz")["probabilities"]
+                      for run in ("plain", "adapted"))
         assert plain.shape == own.shape and np.abs(plain - own).max() > 1e-3, name
     np.testing.assert_array_equal(np.load(tmp_path / "plain" / "calibration.npz")["probabilities"],
                                   np.load(tmp_path / "adapted" / "calibration.npz")["probabilities"])
@@ -263,7 +264,7 @@ def test_adapt_studies_score_each_site_with_its_own_batchnorm_statistics(tmp_pat
     for name, _ in external.HELDOUT:     # the same studies, their normal ones' slices only
         assert normals[name]["normals_only"] and normals[name]["batchnorm_layers"] == 2
         assert normals[name]["data"] == adapted[name]["data"]
-        assert normals[name]["slices"] < adapted[name]["slices"] or normals[name]["files"] < adapted[name]["files"]
+        assert normals[name]["files"] < adapted[name]["files"]
     for bad in (["--from-scores", str(tmp_path / "plain"), "--adapt-studies", "2"],
                 [*args, "--adapt-layers", "2"], [*args, "--adapt-normals-only"],
                 [*args, "--adapt-studies", "2", "--adapt-layers", "0"]):
