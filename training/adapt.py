@@ -72,8 +72,11 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
     if layers is not None and layers < 1:
         raise ValueError(f"adapt at least one BatchNorm layer, not {layers}")
     start = time.perf_counter()
-    model, card = load_artifact(model_dir)
     paths, listed = slice_files(Path(data_dir), max_slices, seed)
+    if listed < MIN_SLICES:             # refused before the model loads or anything decodes
+        raise ValueError(f"{data_dir}: {listed} files; at least {MIN_SLICES} are needed to "
+                         "estimate BatchNorm statistics")
+    model, card = load_artifact(model_dir)
     order = np.random.default_rng(seed).permutation(len(paths))   # batches mix studies
     paths = np.asarray(paths, dtype=object)[order]
     slices = Slices(np.array([f"slice{i}" for i in range(len(paths))]), paths,

@@ -66,7 +66,7 @@ def test_adapted_model_uses_the_sites_statistics_and_keeps_everything_else(model
 
 def test_only_the_first_layers_are_adapted_when_asked(model, tmp_path, monkeypatch):
     monkeypatch.setattr(adapt, "MIN_SLICES", 8)
-    good = _export(tmp_path / "export", 2)
+    assert len(_export(tmp_path / "export", 2)) >= 8      # one full batch at least
     folder = adapt.adapt(model, tmp_path / "export", tmp_path / "models", "stem", batch_size=8,
                          layers=3)
     assert ModelCard.read(folder).metrics["site_adaptation"]["batchnorm_layers"] == 3
@@ -75,13 +75,17 @@ def test_only_the_first_layers_are_adapted_when_asked(model, tmp_path, monkeypat
     changed = [not np.array_equal(np.asarray(w0), np.asarray(w1))
                for w0, w1 in zip(original.weights, adapted.weights) if w0.path.endswith("moving_mean")]
     assert changed[:3] == [True] * 3 and not any(changed[3:])
-    assert len(good) >= 8
 
 
 def test_a_folder_too_small_is_refused_and_nothing_is_written(model, tmp_path):
-    _export(tmp_path / "export", 1)
-    with pytest.raises(ValueError, match="at least 256 are needed"):
+    good = len(_export(tmp_path / "export", 1))
+    with pytest.raises(ValueError, match=f"{good + 2} files; at least 256 are needed"):
         adapt.adapt(model, tmp_path / "export", tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+    with pytest.raises(ValueError, match=f"{good} decodable CT slices of {good + 2} files; at least {good + 1}"):
+        with pytest.MonkeyPatch.context() as patch:     # enough files, too few of them CT slices
+            patch.setattr(adapt, "MIN_SLICES", good + 1)
+            adapt.adapt(model, tmp_path / "export", tmp_path / "models")
     assert not (tmp_path / "models").exists()
     with pytest.raises(ValueError, match="at least one BatchNorm layer"):
         adapt.adapt(model, tmp_path / "export", tmp_path / "models", layers=0)
