@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -282,19 +283,19 @@ def table(result: dict) -> str:
                 + ("✓" if p["passed"] else "✗"))
 
     chosen = result["calibration"]
-    lines = [f"{result['model']}: calibration threshold {chosen.get('threshold', 0):.3f}"
+    lines = [f"{result['model']}: calibration threshold {_p(chosen.get('threshold', 0))}"
              + (f" (gap placement {chosen['gap_placement']})" if "gap_placement" in chosen else ""),
              "| site | study AUC | best specificity at recall 0.95 | `any` thresholds meeting the bar "
              "| card's point | calibration point |",
              "|---|---|---|---|---|---|"]
     for name, s in result["sites"].items():
         auc, best, band = s["card"]["auc"], s["best_specificity"], s.get("passing_band")
-        band = f"({band[0]:.3f}, {band[1]:.3f}]" if band else "none"
+        band = f"({_p(*band)}]" if band else "none"
         lines.append(f"| {name} ({s['studies']}) | {_fmt(auc)} | {_fmt(best)} | {band} | {cell(s['card'])} | "
                      f"{cell(s['calibration'])} |")
     joint = result.get("joint_band")
-    lines.append(f"`any` thresholds meeting the bar on every site at once: ({joint['band'][0]:.3f}, "
-                 f"{joint['band'][1]:.3f}], {joint['logits']:.2f} logits wide" if joint
+    lines.append(f"`any` thresholds meeting the bar on every site at once: ("
+                 f"{_p(*joint['band'])}], {joint['logits']:.2f} logits wide" if joint
                  else "no `any` threshold meets the bar on every site at once")
     lines.append("bar met at the calibration point on every site" if result["passed"]
                  else "bar NOT met at the calibration point on every site")
@@ -308,6 +309,15 @@ def table(result: dict) -> str:
 
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def _p(*thresholds: float) -> str:
+    """Probabilities with three decimals, or as many as keep two significant digits of the
+    nearest one's distance from 0 or 1, all alike: bands squeezed against 1 are several logits
+    wide and must not print as (1.000, 1.000]."""
+    room = min([min(t, 1 - t) for t in thresholds if 0 < t < 1] or [1.0])
+    digits = 3 if room >= 0.001 else min(12, 1 - math.floor(math.log10(room)))
+    return ", ".join(f"{t:.{digits}f}" for t in thresholds)
 
 
 def main(argv=None) -> int:

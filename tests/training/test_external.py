@@ -76,6 +76,17 @@ def test_joint_band_holds_the_thresholds_meeting_both_figures_on_every_set_at_on
             assert every == (band is not None and band[0] < t <= band[1]), t
 
 
+def test_the_table_prints_a_band_squeezed_against_one_apart():
+    rule = StudyRule("max", 1, {label: 0.5 for label in LABELS})
+    site = _studies([0.99999, 0.99998, 0.99997, 0.99996], [0.9990, 0.2, 0.1, 0.05])
+    result = external.judge("v", rule, site, {"site-d": site}, target_recall=0.75)
+    assert result["joint_band"]["band"] == [0.9990, 0.99996]     # the bar: every bleed, every normal
+    text = external.table(result)
+    assert "(0.999000, 0.999960]" in text and "(1.000" not in text
+    assert external._p(0.25) == "0.250" and external._p(1.0, 0.0) == "1.000, 0.000"
+    assert external._p(0.25, 0.9996) == "0.25000, 0.99960"          # both ends alike
+
+
 def test_meets_needs_every_figure_of_the_bar():
     assert external.meets({"auc": 0.97, "recall": 0.95, "specificity": 0.85})
     assert not external.meets({"auc": 0.99, "recall": 0.949, "specificity": 1.0})
