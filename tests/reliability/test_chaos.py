@@ -158,7 +158,9 @@ def run_chaos(tmp_path, slices: int, senders: int, kills: int, seed: int) -> Non
         print("\n" + report.line(scored, failed, lost, duplicates, requeued,
                                  time.monotonic() - started))
         assert lost == 0, f"{lost} acknowledged slices have no result (seed {seed}); " \
-                          f"ledger {p.client.zcard(keys.LEDGER)}, queue {p.client.llen(keys.SCORE_QUEUE)}"
+                          f"ledger {p.client.zcard(keys.LEDGER)}, queue {p.client.llen(keys.SCORE_QUEUE)}; " \
+                          f"{time.monotonic() - started:.0f} s in; the scoring worker's log ends:\n" \
+                          + "\n".join(p.scoring.log().splitlines()[-40:])
         assert all(set(results[s]) == sops for s, sops in acked_by_study.items()), \
             "a result for a slice no sender was answered Success for"
         assert duplicates == 0, f"alerts delivered twice: {[k for k, n in alerts.items() if n > 1]}"
