@@ -203,6 +203,14 @@ class Settings:
         "ICH_WORKER_METRICS_PORT", "9102", _int_range(0, 65535), "worker /metrics (0 = off)")
     alerts_metrics_port: int = _setting(
         "ICH_ALERTS_METRICS_PORT", "9103", _int_range(0, 65535), "alerts /metrics (0 = off)")
+    worker_alive_file: Path | None = _setting(
+        "ICH_WORKER_ALIVE_FILE", "", _optional_path,
+        "file the scoring worker touches while it consumes, for a liveness probe "
+        "(python -m worker.liveness FILE); empty = off")
+    worker_stall_s: float = _setting(
+        "ICH_WORKER_STALL_S", "120", _positive_float,
+        "slices queued this long while the worker started no batch: it stops touching "
+        "ICH_WORKER_ALIVE_FILE")
     max_queue: int = _setting(
         "ICH_MAX_QUEUE", "10000", _int_range(1, 10_000_000),
         "queued slices at which the listener answers 0xA700 (out of resources)")

@@ -30,6 +30,7 @@ from ich.queue import DELIVER_TASK, RESULT_TASK, SCORE_TASK, connect, task_messa
 from ich.settings import SettingsError
 from worker import alerts, metrics
 from worker.celery import app, consumed_queues, settings
+from worker.liveness import Liveness
 from worker.reconcile import Reconciler
 from worker.scoring import Scorer, meta_from_kwargs
 from worker.study import FIRST_POSITIVE, STUDY_SUMMARY, SliceResult, StudyStore
@@ -50,6 +51,8 @@ redis_client = connect(settings.redis_url)
 studies = StudyStore(redis_client, settings.result_ttl_s)
 _scorer: Scorer | None = None
 _scorer_lock = threading.Lock()
+#: Set at start-up where ICH_WORKER_ALIVE_FILE is (worker.liveness).
+_liveness: Liveness | None = None
 
 
 def scorer() -> Scorer:
@@ -64,6 +67,8 @@ def scorer() -> Scorer:
 @app.task(base=Batches, name=SCORE_TASK, queue=keys.SCORE_QUEUE, acks_late=True,
           flush_every=settings.batch_max, flush_interval=settings.batch_window_ms / 1000)
 def score(requests_: list) -> None:
+    if _liveness is not None:
+        _liveness.consumed()      # a batch reached us, whatever its fate
     try:
         touched = scorer().score([meta_from_kwargs(r.kwargs) for r in requests_])
     except Exception:
@@ -319,7 +324,8 @@ _stop_sweeper = threading.Event()
 
 @signals.worker_ready.connect
 def _on_ready(sender=None, **_) -> None:
-    """Start what this worker's queues need: metrics, the model, the summary sweeper."""
+    """Start what this worker's queues need: metrics, the model, liveness, the summary sweeper."""
+    global _liveness
     queues = consumed_queues()
     scoring, delivering = keys.SCORE_QUEUE in queues, keys.ALERTS_QUEUE in queues
     port = settings.worker_metrics_port if scoring else settings.alerts_metrics_port
@@ -330,6 +336,11 @@ def _on_ready(sender=None, **_) -> None:
     watch(metrics.slices_pending, lambda: redis_client.zcard(keys.LEDGER))
     if scoring:
         scorer()
+        if settings.worker_alive_file:
+            _liveness = Liveness(redis_client, keys.SCORE_QUEUE, settings.worker_alive_file,
+                                 settings.worker_stall_s)
+            threading.Thread(target=_liveness.run, name="liveness", daemon=True,
+                             args=(_stop_sweeper, min(5.0, settings.worker_stall_s / 4))).start()
     if delivering and settings.result_destinations and settings.result_tls_ca:
         try:   # results over TLS: the CA and our client certificate must be here, not found later
             settings.require_files("result_tls_ca", "tls_cert", "tls_key")

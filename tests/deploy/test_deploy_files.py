@@ -746,6 +746,23 @@ def test_listener_probes_are_tcp_on_the_dicom_port_and_not_too_frequent():
         assert spec.get("periodSeconds", 10) >= 10, probe
 
 
+def test_the_scoring_worker_probe_reads_the_file_it_touches_on_a_writable_mount():
+    c = container(k8s("Deployment", "ichwatch-worker"))
+    s = settings_from({e["name"]: e["value"] for e in c["env"]}, "k8s ichwatch-worker")
+    assert s.worker_alive_file is not None
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["exec"]["command"] == ["python", "-m", "worker.liveness",
+                                               str(s.worker_alive_file)], probe
+    # readOnlyRootFilesystem: the file must lie on a mounted volume (the /tmp emptyDir).
+    mounts = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert any(s.worker_alive_file.is_relative_to(m) for m in mounts)
+    # Room for the model to load before the file is first touched, and a stalled worker is
+    # restarted within a few minutes, well before IchWatchNotScoring (5 min) has to page.
+    startup, live = c["startupProbe"], c["livenessProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 180
+    assert s.worker_stall_s + live["periodSeconds"] * live["failureThreshold"] + 30 <= 300
+
+
 def test_k8s_services_and_servicemonitor_select_real_pods_and_ports():
     workloads = [o for o in k8s_objects() if o["kind"] in ("Deployment", "StatefulSet")]
     for obj in workloads:
