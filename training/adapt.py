@@ -7,19 +7,25 @@ on the new site's own slices: their moving mean and variance are replaced by the
 the site's slices, as training's precise BatchNorm computes them (`training.train.
 PreciseBatchNorm`); weights, Platt scaling, study rule and thresholds stay the model's. No
 labels are read. `python -m training.external --adapt-studies N` judges the held-out sites this
-way.
+way; `python -m training.adapt --model DIR --data FOLDER` writes an adapted version (the stem's
+5 layers by default, `--layers all` for every one).
 
 Why it is not a command for sites (docs/training.md, "Adapting BatchNorm"): adapted on 120
 studies of each held-out site with their phantom mix of bleeds (about 14 % of slices), seed
 2049 met the bar on all three sites where it had failed one, but adapted on the same studies'
 normal ones only, as a site where bleeds are rare would be, its normal studies alerted in
 droves (site-d 87 of 145 silent, site-e 72): the adapted statistics follow the share of
-bleeding slices, which a site cannot choose. `layers` adapts only the first K layers.
+bleeding slices, which a site cannot choose. `layers` adapts only the first K layers: the stem
+alone (5) kept its verdicts under both mixes on seeds 2049 and 2050; whether sites are advised to
+adapt is H8's decision on one more seed (docs/training.md).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +34,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+#: `python -m training.adapt`'s default: InceptionV3's stem, the five convolutions before the
+#: first Inception block (docs/training.md, H8).
+STEM_LAYERS = 5
 #: Fewer decodable slices than this (eight batches of 32) estimate no statistics worth keeping.
 MIN_SLICES = 256
 #: Slices used by default: a random sample beyond this (about 100 head CTs at 5 mm).
@@ -114,3 +123,57 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
     return folder
 
 
+
+
+def main(argv=None) -> int:
+    from ich.model import ArtifactError, ModelCard, promote
+    from training.data import DataError
+
+    p = argparse.ArgumentParser(prog="python -m training.adapt", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, type=Path, help="artifact folder (e.g. models/current)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="a folder of the site's head-CT DICOM files, any layout (a PACS or "
+                        "storescp export); no labels are read")
+    p.add_argument("--layers", default=str(STEM_LAYERS), metavar="K|all",
+                   help=f"BatchNorm layers re-estimated, the first K in graph order (default "
+                        f"{STEM_LAYERS}: InceptionV3's stem); all: every one (measured worse: "
+                        "it follows the site's share of bleeding slices)")
+    p.add_argument("--max-slices", type=int, default=MAX_SLICES,
+                   help=f"slices sampled at most (default {MAX_SLICES})")
+    p.add_argument("--out", type=Path, default=Path("models"), help="artifact root (default models)")
+    p.add_argument("--version", help="new version (default <model version>-adapted-<UTC time>)")
+    p.add_argument("--promote", action="store_true", help="point <out>/current at the new version")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="which slices are sampled (default 0)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.layers == "all":
+        layers = None
+    elif args.layers.isdigit() and int(args.layers) >= 1:
+        layers = int(args.layers)
+    else:
+        p.exit(2, f"error: --layers must be a positive whole number or all, not {args.layers!r}\n")
+    if args.max_slices < MIN_SLICES or args.batch_size < 1:
+        p.exit(2, f"error: --max-slices must be at least {MIN_SLICES} and --batch-size at least 1\n")
+    try:
+        folder = adapt(args.model, args.data, args.out, args.version, args.max_slices,
+                       args.batch_size, args.workers, args.seed, layers)
+    except (ArtifactError, DataError, ValueError, FileExistsError, OSError) as exc:
+        p.exit(2, f"error: {exc}\n")
+    card = ModelCard.read(folder)
+    if args.promote:
+        if card.status != "ok":
+            p.exit(3, f"error: {folder} is marked {card.status}; not promoted\n")
+        promote(folder, args.out / "current")
+    site = card.metrics["site_adaptation"]
+    print(json.dumps({"artifact": str(folder), "promoted": args.promote,
+                      **{k: site[k] for k in ("from_version", "files", "slices",
+                                              "batchnorm_layers", "of_batchnorm_layers")},
+                      "skipped": site["decode"]["skipped"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

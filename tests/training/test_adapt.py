@@ -2,6 +2,8 @@
 else changed, written as a new version."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,42 @@ def test_a_large_folder_is_sampled_to_max_slices(tmp_path):
     assert paths == adapt.slice_files(tmp_path, 12, seed=3)[0]
     everything, total = adapt.slice_files(tmp_path, 100)
     assert total == 30 and not any(p.endswith(("hidden", "DICOMDIR")) for p in everything)
+
+
+def test_the_command_adapts_the_stem_by_default_and_promotes(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(adapt, "MIN_SLICES", 8)
+    good = _export(tmp_path / "export", 2)
+    out = tmp_path / "models"
+    assert adapt.main(["--model", str(model), "--data", str(tmp_path / "export"), "--out", str(out),
+                       "--version", "stem", "--batch-size", "8", "--promote"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["artifact"] == str(out / "stem") and printed["promoted"] is True
+    assert printed["batchnorm_layers"] == adapt.STEM_LAYERS < printed["of_batchnorm_layers"]
+    assert printed["files"] == len(good) + 2 and printed["skipped"] == 2
+    assert (out / "current").resolve() == (out / "stem").resolve()
+    assert ModelCard.read(out / "current").metrics["site_adaptation"]["batchnorm_layers"] == adapt.STEM_LAYERS
+
+    assert adapt.main(["--model", str(model), "--data", str(tmp_path / "export"), "--out", str(out),
+                       "--version", "every", "--batch-size", "8", "--layers", "all"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["batchnorm_layers"] == printed["of_batchnorm_layers"] and not printed["promoted"]
+    assert (out / "current").resolve() == (out / "stem").resolve()     # not promoted: unchanged
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layers", "0"], "--layers must be a positive whole number or all"),
+    (["--layers", "stem"], "--layers must be a positive whole number or all"),
+    (["--max-slices", "10"], "--max-slices must be at least 256"),
+])
+def test_the_command_refuses_bad_options_before_reading_anything(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit:
+        adapt.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path), *extra])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_command_says_why_a_folder_is_refused(model, tmp_path, capsys):
+    _export(tmp_path / "export", 1)
+    with pytest.raises(SystemExit) as exit:
+        adapt.main(["--model", str(model), "--data", str(tmp_path / "export"), "--out", str(tmp_path / "m")])
+    assert exit.value.code == 2 and "at least 256 are needed" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
