@@ -79,6 +79,35 @@ def test_only_the_first_layers_are_adapted_when_asked(model, tmp_path, monkeypat
     assert changed[:3] == [True] * 3 and not any(changed[3:])
 
 
+def test_the_stem_alone_gives_the_statistics_the_whole_network_gives_its_first_layers(
+        model, tmp_path, monkeypatch):
+    """The fast path runs only the layers up to the K-th BatchNorm; those layers must end with
+    the statistics a training-mode pass through the whole network leaves in them."""
+    monkeypatch.setattr(adapt, "MIN_SLICES", 8)
+    assert len(_export(tmp_path / "export", 3)) >= 16     # two batches at least
+    stem = adapt.adapt(model, tmp_path / "export", tmp_path / "models", "stem", batch_size=8, layers=4)
+    every = adapt.adapt(model, tmp_path / "export", tmp_path / "models", "every", batch_size=8)
+    original, _ = load_artifact(model)
+    stem, every = adapt.batchnorm_layers(load_artifact(stem)[0]), adapt.batchnorm_layers(load_artifact(every)[0])
+    for k, (fast, full, kept) in enumerate(zip(stem, every, adapt.batchnorm_layers(original))):
+        for name in ("moving_mean", "moving_variance"):
+            fast_v, full_v, kept_v = (np.asarray(getattr(layer, name)) for layer in (fast, full, kept))
+            if k < 4:
+                np.testing.assert_allclose(fast_v, full_v, rtol=1e-4, atol=1e-6, err_msg=f"{k} {name}")
+                assert not np.allclose(fast_v, kept_v)
+            else:
+                np.testing.assert_array_equal(fast_v, kept_v, err_msg=f"{k} {name}")
+
+
+def test_more_layers_than_the_model_has_are_refused(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(adapt, "MIN_SLICES", 8)
+    _export(tmp_path / "export", 1)
+    total = len(adapt.batchnorm_layers(load_artifact(model)[0]))
+    with pytest.raises(ValueError, match=f"the model has {total} BatchNorm layers; adapt at most {total}"):
+        adapt.adapt(model, tmp_path / "export", tmp_path / "models", layers=total + 1)
+    assert not (tmp_path / "models").exists()
+
+
 def test_a_folder_too_small_is_refused_and_nothing_is_written(model, tmp_path):
     good = len(_export(tmp_path / "export", 1))
     with pytest.raises(ValueError, match=f"{good + 2} files; at least 256 are needed"):
@@ -145,3 +174,33 @@ def test_the_command_says_why_a_folder_is_refused(model, tmp_path, capsys):
         adapt.main(["--model", str(model), "--data", str(tmp_path / "export"), "--out", str(tmp_path / "m")])
     assert exit.value.code == 2 and "at least 256 are needed" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_adapt_then_calibrate_as_deployment_advises(model, tmp_path, monkeypatch, capsys):
+    """docs/deployment.md's sequence through both commands: the stem adapted on the site's
+    unlabelled export and promoted, then the operating point re-chosen on labelled studies of
+    the site from `models/current`. The served version must carry both: the adapted statistics
+    and the local thresholds, and the card's record of each step."""
+    from training import calibrate
+    from training.synthetic import generate
+
+    monkeypatch.setattr(adapt, "MIN_SLICES", 8)
+    monkeypatch.setattr(calibrate, "MIN_STUDIES", 2)
+    _export(tmp_path / "export", 2)
+    generate(tmp_path / "labelled", 8, 62, slices=(6, 7), workers=1, site="site-e")
+    out = tmp_path / "models"
+    assert adapt.main(["--model", str(model), "--data", str(tmp_path / "export"), "--out", str(out),
+                       "--version", "adapted", "--batch-size", "8", "--promote"]) == 0
+    assert calibrate.main(["--model", str(out / "current"), "--data", str(tmp_path / "labelled"),
+                           "--out", str(out), "--version", "served", "--promote"]) == 0
+    capsys.readouterr()
+    served = ModelCard.read(out / "current")
+    assert (out / "current").resolve() == (out / "served").resolve()
+    assert served.metrics["site_adaptation"]["batchnorm_layers"] == adapt.STEM_LAYERS
+    assert served.metrics["site_adaptation"]["from_version"] == ModelCard.read(model).version
+    assert served.metrics["site_calibration"]["from_version"] == "adapted"
+    assert "training.adapt" in served.notes and "training.calibrate" in served.notes
+    adapted, _ = load_artifact(out / "adapted")
+    final, _ = load_artifact(out / "served")
+    for w0, w1 in zip(adapted.weights, final.weights):
+        np.testing.assert_array_equal(np.asarray(w0), np.asarray(w1), err_msg=w0.path)
