@@ -76,7 +76,7 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
     from ich.labels import LABELS
     from ich.model import load_artifact, save_artifact
     from training.data import Decoder, Slices, dataset
-    from training.train import PreciseBatchNorm
+    from training.train import PreciseBatchNorm, batchnorm_layers
 
     if not Path(data_dir).is_dir():
         raise ValueError(f"{data_dir} is not a folder")
@@ -122,15 +122,6 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
     log.info("adapted %d BatchNorm layers on %d slices (%d skipped) in %.0f s -> %s", adapted, averaged,
              len(decoder.skipped), time.perf_counter() - start, folder)
     return folder
-
-
-def batchnorm_layers(model) -> list:
-    """Every BatchNorm layer of `model`, nested engines included, in graph order (the stem first)."""
-    import keras
-
-    from training.train import _all_layers
-
-    return [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def stem_model(model, layers: int):

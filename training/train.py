@@ -557,11 +557,10 @@ class PreciseBatchNorm:
     """
 
     def __init__(self, model, batches) -> None:
-        import keras
         import tensorflow as tf
 
         self.model, self.batches = model, batches
-        self.layers = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+        self.layers = batchnorm_layers(model)
         saved = [layer.momentum for layer in self.layers]
         try:
             for layer in self.layers:
@@ -589,6 +588,13 @@ def _all_layers(model):
         yield layer
         if hasattr(layer, "layers"):
             yield from _all_layers(layer)
+
+
+def batchnorm_layers(model) -> list:
+    """Every BatchNorm layer of `model`, nested engines included, in graph order (the stem first)."""
+    import keras
+
+    return [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 # ----------------------------------------------------------------------------- calibration

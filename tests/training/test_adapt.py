@@ -12,6 +12,7 @@ from ich.model import ModelCard, load_artifact
 from tests.modelfactory import LOOP_ENGINE, SIZE, random_inception
 from training import adapt
 from training.synthetic import make_study, to_bytes
+from training.train import batchnorm_layers
 
 
 def _export(folder, studies: int, slices=(6, 7)) -> list:
@@ -88,8 +89,8 @@ def test_the_stem_alone_gives_the_statistics_the_whole_network_gives_its_first_l
     stem = adapt.adapt(model, tmp_path / "export", tmp_path / "models", "stem", batch_size=8, layers=4)
     every = adapt.adapt(model, tmp_path / "export", tmp_path / "models", "every", batch_size=8)
     original, _ = load_artifact(model)
-    stem, every = adapt.batchnorm_layers(load_artifact(stem)[0]), adapt.batchnorm_layers(load_artifact(every)[0])
-    for k, (fast, full, kept) in enumerate(zip(stem, every, adapt.batchnorm_layers(original))):
+    stem, every = batchnorm_layers(load_artifact(stem)[0]), batchnorm_layers(load_artifact(every)[0])
+    for k, (fast, full, kept) in enumerate(zip(stem, every, batchnorm_layers(original))):
         for name in ("moving_mean", "moving_variance"):
             fast_v, full_v, kept_v = (np.asarray(getattr(layer, name)) for layer in (fast, full, kept))
             if k < 4:
@@ -102,7 +103,7 @@ def test_the_stem_alone_gives_the_statistics_the_whole_network_gives_its_first_l
 def test_more_layers_than_the_model_has_are_refused(model, tmp_path, monkeypatch):
     monkeypatch.setattr(adapt, "MIN_SLICES", 8)
     _export(tmp_path / "export", 1)
-    total = len(adapt.batchnorm_layers(load_artifact(model)[0]))
+    total = len(batchnorm_layers(load_artifact(model)[0]))
     with pytest.raises(ValueError, match=f"the model has {total} BatchNorm layers; adapt at most {total}"):
         adapt.adapt(model, tmp_path / "export", tmp_path / "models", layers=total + 1)
     assert not (tmp_path / "models").exists()
