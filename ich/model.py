@@ -162,6 +162,30 @@ def mirror_layer():
     return MirrorLR
 
 
+@functools.cache
+def logit_mean_layer():
+    """The LogitMean layer class (an ensemble's output, `training.ensemble`), registered with
+    Keras on first use like `mirror_layer`."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="ich")
+    class LogitMean(keras.layers.Layer):
+        """σ(mean of logit(pᵢ)) over several models' probabilities, per label: averaging in
+        logits keeps a member's confident call from being halved the way averaging
+        probabilities would, and it is what docs/training.md measured. float32 whatever the
+        policy, clipped away from 0 and 1 so a saturated member stays finite."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**{"dtype": "float32", **kwargs})
+
+        def call(self, inputs):
+            ops = keras.ops
+            p = ops.clip(ops.stack([ops.cast(x, "float32") for x in inputs], axis=0), 1e-7, 1 - 1e-7)
+            return ops.sigmoid(ops.mean(ops.log(p) - ops.log1p(-p), axis=0))
+
+    return LogitMean
+
+
 def _engine_scaling(engine: str, x):
     import keras
 
@@ -195,12 +219,22 @@ def load_artifact(folder: Path) -> tuple["keras.Model", ModelCard]:
     if not (folder / MODEL_FILE).is_file():
         raise ArtifactError(f"{folder / MODEL_FILE} is missing")
     mirror_layer()                   # registered before any load (flip-averaged artifacts)
+    logit_mean_layer()               # and ensembles
     model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     if tuple(model.input_shape[1:]) != (card.input_size, card.input_size, 3):
         raise ArtifactError(f"model input {model.input_shape} ≠ card input_size {card.input_size}")
     if model.output_shape[-1] != len(LABELS):
         raise ArtifactError(f"model has {model.output_shape[-1]} outputs, expected {len(LABELS)}")
     return model, card
+
+
+def promote_ok(version_folder: Path, current: Path) -> None:
+    """`promote`, refusing a version whose card is not "ok" (training's quality check failed):
+    the site tools (calibrate, adapt, ensemble) promote only what a worker would serve."""
+    card = ModelCard.read(version_folder)
+    if card.status != "ok":
+        raise ArtifactError(f"{version_folder} is marked {card.status}; not promoted")
+    promote(version_folder, current)
 
 
 def promote(version_folder: Path, current: Path) -> None:

@@ -88,6 +88,9 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
         raise ValueError(f"{data_dir}: {listed} files; at least {MIN_SLICES} are needed to "
                          "estimate BatchNorm statistics")
     model, card = load_artifact(model_dir)
+    if card.training.get("ensemble"):   # its members' stems are not "the first K layers"
+        raise ValueError(f"{card.version} is an ensemble: adapt each member, then ensemble the "
+                         "adapted members (python -m training.ensemble)")
     order = np.random.default_rng(seed).permutation(len(paths))   # batches mix studies
     paths = np.asarray(paths, dtype=object)[order]
     slices = Slices(np.array([f"slice{i}" for i in range(len(paths))]), paths,
@@ -142,7 +145,7 @@ def stem_model(model, layers: int):
 
 
 def main(argv=None) -> int:
-    from ich.model import ArtifactError, ModelCard, promote
+    from ich.model import ArtifactError, ModelCard, promote_ok
     from training.data import DataError
 
     p = argparse.ArgumentParser(prog="python -m training.adapt", description=__doc__.splitlines()[0])
@@ -180,9 +183,10 @@ def main(argv=None) -> int:
         p.exit(2, f"error: {exc}\n")
     card = ModelCard.read(folder)
     if args.promote:
-        if card.status != "ok":
-            p.exit(3, f"error: {folder} is marked {card.status}; not promoted\n")
-        promote(folder, args.out / "current")
+        try:
+            promote_ok(folder, args.out / "current")
+        except ArtifactError as exc:
+            p.exit(3, f"error: {exc}\n")
     site = card.metrics["site_adaptation"]
     print(json.dumps({"artifact": str(folder), "promoted": args.promote,
                       **{k: site[k] for k in ("from_version", "files", "slices",

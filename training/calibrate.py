@@ -41,14 +41,10 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
-    _, _, y, p, headers, decoder = evaluate.predict_folder(
-        evaluate.compiled_forward(model), card.input_size, data_dir, batch_size, workers)
-    local = studies.StudySet.build(y, p, headers)
+    local, y, p, _, decoder = labelled_studies(evaluate.compiled_forward(model), card.input_size,
+                                            data_dir, batch_size, workers)
     truth = local.truth()[:, -1]
     positive, normal = int(truth.sum()), int(len(truth) - truth.sum())
-    if positive < MIN_STUDIES or normal < MIN_STUDIES:
-        raise ValueError(f"{data_dir} has {positive} bleeding and {normal} normal studies; "
-                         f"at least {MIN_STUDIES} of each are needed to choose an operating point")
     if study_rule == "keep":
         rule = card.rule()
         candidates = ((rule.name, rule.k),)
@@ -92,6 +88,26 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
     return folder
 
 
+def labelled_studies(forward, input_size: int, data_dir: Path, batch_size: int = 32,
+                     workers: int = 2):
+    """(StudySet, labels, probabilities, headers, decoder) of an RSNA-layout folder scored by `forward`,
+    refused with fewer than MIN_STUDIES bleeding or normal studies: too few to place a threshold.
+    The studies are built from the first len(LABELS) columns; further columns (an ensemble's
+    members, `training.ensemble`) are returned with them."""
+    from ich.labels import LABELS
+    from training import evaluate, studies
+
+    _, _, y, p, headers, decoder = evaluate.predict_folder(forward, input_size, data_dir,
+                                                           batch_size, workers)
+    local = studies.StudySet.build(y, p[:, :len(LABELS)], headers)
+    truth = local.truth()[:, -1]
+    positive, normal = int(truth.sum()), int(len(truth) - truth.sum())
+    if positive < MIN_STUDIES or normal < MIN_STUDIES:
+        raise ValueError(f"{data_dir} has {positive} bleeding and {normal} normal studies; "
+                         f"at least {MIN_STUDIES} of each are needed to choose an operating point")
+    return local, y, p, headers, decoder
+
+
 def _enough(target_recall: float, confidence: float) -> int:
     """The fewest bleeding studies with which recall >= R can be held with `confidence`."""
     from training.studies import conformal_rank
@@ -103,7 +119,7 @@ def _enough(target_recall: float, confidence: float) -> int:
 
 
 def main(argv=None) -> int:
-    from ich.model import ArtifactError, promote
+    from ich.model import ArtifactError, promote_ok
     from training.data import DataError
     from training.studies import check_placement
 
@@ -162,9 +178,10 @@ def main(argv=None) -> int:
 
     card = ModelCard.read(folder)
     if args.promote:
-        if card.status != "ok":
-            p.exit(3, f"error: {folder} is marked {card.status}; not promoted\n")
-        promote(folder, args.out / "current")
+        try:
+            promote_ok(folder, args.out / "current")
+        except ArtifactError as exc:
+            p.exit(3, f"error: {exc}\n")
     site = card.metrics["site_calibration"]
     print(json.dumps({"artifact": str(folder), "study_rule": card.study_rule,
                       "thresholds": card.thresholds,

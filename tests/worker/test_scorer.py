@@ -91,6 +91,25 @@ def test_a_flip_averaged_artifact_is_served_with_the_plain_models_weights(redis_
     assert isinstance(served.model.get_layer("mirror"), keras.layers.Layer)
 
 
+def test_an_ensemble_artifact_is_served_as_the_mean_logit_of_its_members(redis_url, tmp_path):
+    """`training.ensemble`'s artifact: a worker loads and scores it like any model."""
+    from ich.model import ModelCard, load_artifact, save_artifact
+    from tests.modelfactory import blood_detector
+    from training.ensemble import build_ensemble
+
+    members = [load_artifact(blood_detector(tmp_path / "m", f"d{k}", min_pixels=k))[0] for k in (2.5, 12.0)]
+    x = np.random.default_rng(6).random((3, SIZE, SIZE, 3), dtype=np.float32)
+    x[0, 20:44, 20:44, 0] = 0.95
+    clipped = [np.clip(np.asarray(m(x, training=False), np.float64), 1e-7, 1 - 1e-7) for m in members]
+    logits = [np.log(q) - np.log1p(-q) for q in clipped]      # the layer bounds each member's say
+    model, _ = build_ensemble(members, SIZE)
+    folder = save_artifact(model, ModelCard(version="ens-w", engine="test-detector + test-detector",
+                                            input_size=SIZE), tmp_path / "models")
+    served = Scorer(Settings.from_env({"ICH_REDIS_URL": redis_url}), redis.Redis.from_url(redis_url), folder)
+    p = served.predict(x).astype(np.float64)
+    np.testing.assert_allclose(np.log(p) - np.log1p(-p), (logits[0] + logits[1]) / 2, atol=1e-3)
+
+
 def test_pre_process_decodes_good_slices_and_fails_bad_ones_alone(scorer, redis_url):
     good = [to_bytes(ct_dataset(lesion_hu(64, seed=i))) for i in range(3)]
     metas = queue_slices(redis_url, [good[0], b"\x00garbage", good[1], good[2]])
