@@ -108,6 +108,17 @@ def labelled_studies(forward, input_size: int, data_dir: Path, batch_size: int =
     return local, y, p, headers, decoder
 
 
+def floors_problem(floors, confidence: float, placement: float | None) -> str | None:
+    """What is wrong with a `--floors RECALL SPECIFICITY` option and its neighbours, or None."""
+    if floors is None:
+        return None
+    if not all(0 < f <= 1 for f in floors):    # NaN fails the comparison: refused too
+        return "--floors: recall and specificity must be in (0, 1]"
+    if confidence or placement is not None:
+        return "--floors chooses the threshold itself; drop --recall-confidence and --gap-placement"
+    return None
+
+
 def _enough(target_recall: float, confidence: float) -> int:
     """The fewest bleeding studies with which recall >= R can be held with `confidence`."""
     from training.studies import conformal_rank
@@ -161,12 +172,9 @@ def main(argv=None) -> int:
         check_placement(args.gap_placement)
     except ValueError as exc:
         p.exit(2, f"error: --gap-placement: {exc}\n")
-    if args.floors is not None:
-        if not all(0 < f <= 1 for f in args.floors):    # NaN fails the comparison: refused too
-            p.exit(2, "error: --floors: recall and specificity must be in (0, 1]\n")
-        if args.recall_confidence or args.gap_placement is not None:
-            p.exit(2, "error: --floors chooses the threshold itself; drop --recall-confidence "
-                      "and --gap-placement\n")
+    problem = floors_problem(args.floors, args.recall_confidence, args.gap_placement)
+    if problem:
+        p.exit(2, f"error: {problem}\n")
     try:
         folder = calibrate(args.model, args.data, args.out, args.version, args.target_recall,
                            args.study_rule, args.batch_size, args.workers,

@@ -123,3 +123,19 @@ def test_adapt_refuses_an_ensemble_and_says_to_adapt_its_members(members, tmp_pa
     with pytest.raises(ValueError, match="ens-3 is an ensemble: adapt each member"):
         adapt.adapt(tmp_path / "ens-3", site, tmp_path / "adapted")
     assert not (tmp_path / "adapted").exists()
+
+
+def test_floors_choose_the_threshold_as_site_calibration_does(members, tmp_path, capsys):
+    """`--floors`, as `training.calibrate` takes them for a site's own studies (H10: an
+    ensemble's point is best chosen there); not beside a placement of its own."""
+    root, a, b, site = members
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble.main(["--members", str(a), str(b), "--data", str(site), "--out", str(tmp_path),
+                       "--floors", "0.95", "0.85", "--gap-placement", "0.3"])
+    assert exit_info.value.code == 2 and "drop --recall-confidence and --gap-placement" in capsys.readouterr().err
+    assert ensemble.main(["--members", str(a), str(b), "--data", str(site), "--out", str(tmp_path),
+                          "--version", "ens-f", "--floors", "0.95", "0.85"]) == 0
+    operating = ModelCard.read(tmp_path / "ens-f").metrics["ensemble_operating"]
+    assert operating["floors"] == [0.95, 0.85]
+    assert all(row["floors"] == [0.95, 0.85] and "floor_room" in row for row in operating["rules"])
+    assert (operating["ensemble"]["tp"], operating["ensemble"]["fp"]) == (6, 0)
