@@ -78,6 +78,9 @@ def ensemble(members: list[Path], data_dir: Path, out: Path, version: str | None
         raise ValueError(f"an ensemble takes 2 to {MAX_MEMBERS} members, not {len(members)}")
     if len({Path(m).resolve() for m in members}) != len(members):
         raise ValueError("a member is named twice: it would count double in the average")
+    version = version or f"ensemble-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    if (Path(out) / version).exists():          # before minutes of scoring, not after
+        raise FileExistsError(f"{Path(out) / version} exists; name another --version")
     loaded = [load_artifact(m) for m in members]
     cards = [card for _, card in loaded]
     failed = [c.version for c in cards if c.status != "ok"]
@@ -89,8 +92,8 @@ def ensemble(members: list[Path], data_dir: Path, out: Path, version: str | None
                             "cannot serve them")
     size = sizes[0]
     model, probe = build_ensemble([m for m, _ in loaded], size)
-    local, y, p, headers, decoder = labelled_studies(evaluate.compiled_forward(probe), size, data_dir,
-                                            batch_size, workers)
+    local, y, p, headers, decoder = labelled_studies(evaluate.compiled_forward(probe), size,
+                                                     data_dir, batch_size, workers)
     n = len(LABELS)
     rule, table = studies.choose_rule(local, target_recall, studies.candidates(study_rule),
                                       confidence, placement, floors)
@@ -103,7 +106,6 @@ def ensemble(members: list[Path], data_dir: Path, out: Path, version: str | None
                            "engine": card.engine, "created": card.created,
                            "at_its_own_point": {"rule": at["rule"], **{k: at[k] for k in figures}}})
     chosen = studies.study_metrics(local, rule)
-    version = version or f"ensemble-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     operating = {"data": str(data_dir), "target_recall": target_recall,
                  "floors": list(floors) if floors else None,
                  "recall_confidence": table[0]["recall_confidence"] if table else None,

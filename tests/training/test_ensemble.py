@@ -87,11 +87,11 @@ def test_the_operating_point_is_chosen_on_the_studies_and_the_card_records_every
     assert printed["on_operating_studies"]["detector-b"] == operating["members"][1]["at_its_own_point"]
 
 
-@pytest.mark.parametrize("case", ["one", "twice", "sizes", "failed", "too few studies"])
+@pytest.mark.parametrize("case", ["one", "twice", "sizes", "failed", "too few studies", "version taken"])
 def test_what_cannot_make_an_ensemble_is_refused_before_anything_is_written(members, tmp_path, case, capsys):
     root, a, b, site = members
     others = {"one": [a], "twice": [a, a], "sizes": [a, other_size(tmp_path / "m")],
-              "failed": [a, b], "too few studies": [a, b]}[case]
+              "failed": [a, b], "too few studies": [a, b], "version taken": [a, b]}[case]
     data = site
     if case == "failed":
         card = ModelCard.read(b)
@@ -103,13 +103,21 @@ def test_what_cannot_make_an_ensemble_is_refused_before_anything_is_written(memb
         others = [a, failed]
     if case == "too few studies":
         data = labelled_site(tmp_path / "small", 2, 3)
+    out = tmp_path / "out"
+    if case == "version taken":
+        (out / "taken").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_info:
-        ensemble.main(["--members", *map(str, others), "--data", str(data), "--out", str(tmp_path / "out")])
+        ensemble.main(["--members", *map(str, others), "--data", str(data), "--out", str(out),
+                       "--version", "taken"])
     assert exit_info.value.code == 2
     assert {"one": "2 to 5 members", "twice": "named twice", "sizes": "different input sizes [64, 96]",
             "failed": "detector-b-failed failed training's quality check",
-            "too few studies": "2 bleeding and 3 normal studies"}[case] in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+            "too few studies": "2 bleeding and 3 normal studies",
+            "version taken": "taken exists; name another --version"}[case] in capsys.readouterr().err
+    if case == "version taken":
+        assert [p.name for p in out.iterdir()] == ["taken"]
+    else:
+        assert not out.exists()
 
 
 def test_adapt_refuses_an_ensemble_and_says_to_adapt_its_members(members, tmp_path, monkeypatch):
