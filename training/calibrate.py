@@ -108,13 +108,24 @@ def labelled_studies(forward, input_size: int, data_dir: Path, batch_size: int =
     return local, y, p, headers, decoder
 
 
-def floors_problem(floors, confidence: float, placement: float | None) -> str | None:
-    """What is wrong with a `--floors RECALL SPECIFICITY` option and its neighbours, or None."""
-    if floors is None:
+def operating_point_problem(args) -> str | None:
+    """What is wrong with the operating-point options calibrate and ensemble share
+    (--target-recall, --recall-confidence, --gap-placement, --floors), or None."""
+    from training.studies import check_placement
+
+    if not 0 < args.target_recall <= 1:
+        return "--target-recall must be in (0, 1]"
+    if not 0 <= args.recall_confidence < 1:
+        return "--recall-confidence must be in [0, 1)"
+    try:
+        check_placement(args.gap_placement)
+    except ValueError as exc:
+        return f"--gap-placement: {exc}"
+    if args.floors is None:
         return None
-    if not all(0 < f <= 1 for f in floors):    # NaN fails the comparison: refused too
+    if not all(0 < f <= 1 for f in args.floors):    # NaN fails the comparison: refused too
         return "--floors: recall and specificity must be in (0, 1]"
-    if confidence or placement is not None:
+    if args.recall_confidence or args.gap_placement is not None:
         return "--floors chooses the threshold itself; drop --recall-confidence and --gap-placement"
     return None
 
@@ -132,7 +143,6 @@ def _enough(target_recall: float, confidence: float) -> int:
 def main(argv=None) -> int:
     from ich.model import ArtifactError, promote_ok
     from training.data import DataError
-    from training.studies import check_placement
 
     p = argparse.ArgumentParser(prog="python -m training.calibrate",
                                 description=__doc__.splitlines()[0])
@@ -164,15 +174,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not 0 < args.target_recall <= 1:
-        p.exit(2, "error: --target-recall must be in (0, 1]\n")
-    if not 0 <= args.recall_confidence < 1:
-        p.exit(2, "error: --recall-confidence must be in [0, 1)\n")
-    try:
-        check_placement(args.gap_placement)
-    except ValueError as exc:
-        p.exit(2, f"error: --gap-placement: {exc}\n")
-    problem = floors_problem(args.floors, args.recall_confidence, args.gap_placement)
+    problem = operating_point_problem(args)
     if problem:
         p.exit(2, f"error: {problem}\n")
     try:

@@ -137,8 +137,7 @@ def ensemble(members: list[Path], data_dir: Path, out: Path, version: str | None
 def main(argv=None) -> int:
     from ich.model import ArtifactError, ModelCard, promote_ok
     from training.data import DataError
-    from training.calibrate import floors_problem
-    from training.studies import check_placement
+    from training.calibrate import operating_point_problem
 
     p = argparse.ArgumentParser(prog="python -m training.ensemble",
                                 description=__doc__.splitlines()[0])
@@ -166,13 +165,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not 0 < args.target_recall <= 1 or not 0 <= args.recall_confidence < 1:
-        p.exit(2, "error: --target-recall must be in (0, 1] and --recall-confidence in [0, 1)\n")
-    try:
-        check_placement(args.gap_placement)
-    except ValueError as exc:
-        p.exit(2, f"error: --gap-placement: {exc}\n")
-    problem = floors_problem(args.floors, args.recall_confidence, args.gap_placement)
+    problem = operating_point_problem(args)
     if problem:
         p.exit(2, f"error: {problem}\n")
     try:
