@@ -215,6 +215,23 @@ def floors_threshold(y, scores, recall_floor: float,
     return float(sigmoid((logit(low) + logit(high)) / 2)), round(float(room.max()), 4)
 
 
+def specificity_threshold(normal_scores, specificity: float) -> float | None:
+    """The `any` threshold at which, on average, a share `specificity` of a site's new normal
+    studies stays silent, from the study scores of its normal studies alone (split-conformal,
+    `conformal_rank` mirrored: the k-th lowest normal of N is silent for a new normal with
+    expected probability k / (N + 1)). It sits at the midpoint, in logits, between that normal
+    and the next one up. For a site with no labelled bleeds: its normal studies tell where its
+    scores sit, which a threshold carried from another site does not (docs/training.md,
+    "Calibrating on a site's normal studies"). None without normal studies."""
+    scores = np.sort(np.clip(np.asarray(normal_scores, np.float64), 1e-7, 1 - 1e-7))
+    if not scores.size:
+        return None
+    k, _ = conformal_rank(len(scores), specificity, None)
+    low = scores[k - 1]
+    high = scores[k] if k < len(scores) else 1 - 1e-7
+    return float(sigmoid((logit(low) + logit(high)) / 2))
+
+
 def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDIDATES,
                 confidence: float | None = RECALL_CONFIDENCE,
                 placement: float | None = None,

@@ -214,3 +214,22 @@ def test_errors_by_an_attribute_count_false_alerts_and_misses_per_range():
     m = studies.study_metrics(s, rule)             # the same decisions as the study figures
     assert sum(b["false_alerts"] for b in result["axes"]["streaks"]) == m["fp"]
     assert sum(b["missed"] for b in result["axes"]["streaks"]) == m["fn"]
+
+
+def test_specificity_threshold_silences_the_conformal_share_of_new_normals():
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    # 19 normals at 0.01..0.19: k = ceil(0.9 * 20) = 18, so the 18th lowest (0.18) is the last
+    # silent one and t sits mid-way in logits between it and the 19th (0.19).
+    s = np.arange(1, 20) / 100
+    t = studies.specificity_threshold(s[::-1], 0.9)          # order does not matter
+    assert logit(t) == pytest.approx((logit(0.18) + logit(0.19)) / 2)
+    assert np.mean(s < t) == 18 / 19
+    assert studies.specificity_threshold([], 0.9) is None
+    # Above the highest normal where the target asks for every one to be silent.
+    assert studies.specificity_threshold([0.2, 0.4], 0.9) > 0.4
+    # Its promise: over many draws, new normals from the same site are silent at the target
+    # rate on average (split-conformal), a little above it, never well below.
+    rng = np.random.default_rng(0)
+    silent = [np.mean(rng.beta(2, 5, 1000) < studies.specificity_threshold(rng.beta(2, 5, 60), 0.9))
+              for _ in range(400)]
+    assert 0.9 <= np.mean(silent) <= 0.92
