@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ich.model import MODEL_FILE, ModelCard
+from ich.model import MODEL_FILE, ModelCard, load_artifact
 from tests.modelfactory import blood_detector
 from training import calibrate
 from tests.training.sites import labelled_site as _site
@@ -17,7 +17,7 @@ def detector(tmp_path_factory):
     """The detector with an `any` threshold that pages on every normal study of this site (its
     normal studies score ~5e-5), as a model moved to a new scanner does."""
     root = tmp_path_factory.mktemp("calibrate")
-    model = blood_detector(root / "models")
+    model = blood_detector(root / "models").resolve()   # the version, not `current`: tests promote
     card = ModelCard.read(model)
     card.thresholds["any"] = 1e-6
     card.write(model.resolve())
@@ -110,3 +110,90 @@ def test_floors_out_of_range_or_with_another_choice_are_refused_before_scoring(
         calibrate.main(["--model", str(model), "--data", str(site), "--out", str(tmp_path / "m"), *extra])
     assert refused.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------ --normals: normal studies only
+
+
+def _normals(folder, studies: int):
+    """`studies` normal phantoms as a PACS export might leave them: one folder per study and
+    series, a stray text file, and a file that is not DICOM at all. No labels."""
+    from training.synthetic import make_study, to_bytes
+
+    for index in range(studies):
+        for s in make_study(43, index, slices=(8, 10), subtypes=(), variant="default", site="legacy"):
+            target = folder / f"study{index}" / s.dataset.SeriesInstanceUID[-8:]
+            target.mkdir(parents=True, exist_ok=True)
+            (target / f"{s.image_id}.dcm").write_bytes(to_bytes(s.dataset))
+    (folder / "README.txt").write_text("exported from the PACS\n")
+    (folder / "study0" / "broken.dcm").write_bytes(b"not a DICOM file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def normals(tmp_path_factory):
+    return _normals(tmp_path_factory.mktemp("normals"), 24)
+
+
+def test_normals_place_the_any_threshold_where_the_site_normals_are_silent(detector, normals, capsys):
+    """The detector pages on every normal study here (threshold 1e-6). From 24 normal studies
+    alone, --normals moves `any` to where 23 of them (k = ⌈0.9 · 25⌉) are silent, keeps every
+    other part of the card, and the site's labelled bleeds, which it never saw, still alert."""
+    from training import evaluate, studies
+
+    root, model, site = detector
+    before = ModelCard.read(model)
+    assert calibrate.main(["--model", str(model), "--normals", str(normals), "--out",
+                           str(root / "models"), "--version", "detector-normals"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    folder = root / "models" / "detector-normals"
+    card = ModelCard.read(folder)
+    figures = card.metrics["site_calibration"]
+    assert (folder / MODEL_FILE).read_bytes() == (model.resolve() / MODEL_FILE).read_bytes()
+    assert figures["normal_studies"] == 24 and figures["specificity_target"] == 0.9
+    assert (figures["alerting_before"], figures["alerting_after"]) == (24, 1)
+    assert figures["recall"] is None and "recall at the site was not measured" in card.notes
+    assert figures["decode"]["skipped"] == 2, "the text file and the broken one, with reasons"
+    assert printed["threshold_after"] == card.thresholds["any"] > figures["threshold_before"]
+    assert printed["shift_logits"] > 0
+    assert card.study_rule == before.study_rule and card.slice_thresholds == before.slice_thresholds
+    assert {k: v for k, v in card.thresholds.items() if k != "any"} == \
+        {k: v for k, v in before.thresholds.items() if k != "any"}
+    # Judged on the labelled site's 12 other studies, as the worker would decide them.
+    served, served_card = load_artifact(folder)
+    local, *_ = calibrate.labelled_studies(evaluate.compiled_forward(served), served_card.input_size, site)
+    m = studies.study_metrics(local, served_card.rule())
+    assert (m["tp"], m["fn"], m["fp"]) == (6, 0, 0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--floors", "0.95", "0.85"], "drop --floors"),
+    (["--gap-placement", "0.3", "--study-rule", "max"], "drop --gap-placement, --study-rule"),
+    (["--specificity", "1"], "--specificity must be in (0, 1)"),
+])
+def test_normals_with_a_labelled_choice_are_refused_before_scoring(detector, normals, tmp_path,
+                                                                   capsys, extra, message):
+    _, model, _ = detector
+    with pytest.raises(SystemExit) as refused:
+        calibrate.main(["--model", str(model), "--normals", str(normals), "--out", str(tmp_path / "m"),
+                        *extra])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_normals_refuses_bleeds_too_few_studies_and_a_lone_specificity(detector, tmp_path, capsys):
+    _, model, site = detector
+    cases = [(["--normals", str(site)], "labels 6 studies as bleeding"),
+             (["--normals", str(_normals(tmp_path / "few", 5))], "holds 5 studies; at least 20"),
+             (["--data", str(site), "--specificity", "0.9"], "--specificity goes with --normals")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as refused:
+            calibrate.main(["--model", str(model), "--out", str(tmp_path / "m"), *args])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    # An RSNA-layout folder whose labels are all normal is taken as it is.
+    rsna = _site(tmp_path / "rsna", 0, 20)
+    assert calibrate.main(["--model", str(model), "--normals", str(rsna), "--out", str(tmp_path / "m"),
+                           "--version", "rsna-normals"]) == 0
+    figures = ModelCard.read(tmp_path / "m" / "rsna-normals").metrics["site_calibration"]
+    assert figures["normal_studies"] == 20 and figures["decode"]["skipped"] == 0

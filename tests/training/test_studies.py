@@ -225,6 +225,9 @@ def test_specificity_threshold_silences_the_conformal_share_of_new_normals():
     assert logit(t) == pytest.approx((logit(0.18) + logit(0.19)) / 2)
     assert np.mean(s < t) == 18 / 19
     assert studies.specificity_threshold([], 0.9) is None
+    # Ties with the k-th lowest stay silent with it: never a threshold on a score.
+    tied = studies.specificity_threshold([0.1] * 5 + [0.3] * 15, 0.9)
+    assert 0.3 < tied and 0.1 < studies.specificity_threshold([0.1] * 19 + [0.3], 0.9) < 0.3
     # Above the highest normal where the target asks for every one to be silent.
     assert studies.specificity_threshold([0.2, 0.4], 0.9) > 0.4
     # Its promise: over many draws, new normals from the same site are silent at the target
