@@ -18,6 +18,9 @@ session was measured on these sets.
                                                             # and each set's slice scores (.npz)
     python -m training.external --from-scores var/external/current --gap-placement 0.3
                                                             # judged again from them, no model
+    python -m training.external --from-scores var/external/current --halvings 200
+                                                            # and each site calibrated on half of
+                                                            # its own studies (training.calibrate)
     python -m training.external --model models/current --adapt-studies 120
                                                             # research: each site scored after AdaBN
                                                             # on 120 other studies of it (training.adapt)
@@ -151,12 +154,14 @@ def _normal_studies(folder: Path, out: Path) -> Path:
 def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySet"],
           target_recall: float = 0.95, confidence: float | None = None,
           sources: dict[str, str] | None = None, placement: float | None = None,
-          calibrated_rule=None, draws: int = 0, draw_size: int | None = None) -> dict:
+          calibrated_rule=None, draws: int = 0, draw_size: int | None = None,
+          halvings: int = 0) -> dict:
     """The figures of `validate` from scored studies: `rule` (the card's) as it stands, and
     with its `any` threshold re-chosen on `calibration` (under `calibrated_rule` instead, when
     given: another rule's operating point, judged beside the card's). With `draws`, also
     `bootstrap`'s share of calibration sets that would meet the bar. Takes any scores, so models
-    can be compared, or combined, from saved scores (`read_scores`) without scoring again."""
+    can be compared, or combined, from saved scores (`read_scores`) without scoring again.
+    With `halvings`, also `local_calibration`: each site calibrated on half of its own studies."""
     from training import studies
     from training.evaluate import logit
 
@@ -185,7 +190,46 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
     if draws:
         result["bootstrap"] = bootstrap(base, calibration, sites, draws, draw_size, target_recall,
                                         confidence, placement)
+    if halvings:
+        result["local"] = local_calibration(rule, sites, halvings)
     return result
+
+
+def local_calibration(rule, sites: dict[str, "StudySet"], halvings: int, seed: int = 0,
+                      specificity: float = 0.90, floors: tuple[float, float] = (0.95, 0.85)) -> dict:
+    """How often calibrating a site on its own studies meets BAR on its other studies.
+
+    Each site's studies are halved `halvings` times (a fresh `default_rng(seed)` per site,
+    halving h its h-th `permutation`: the first half calibrates, the rest are judged). Under
+    `rule` (the card's), three points are judged on the same halves: the card's `any` threshold
+    as it is; `training.calibrate --normals` (`specificity_threshold` on the calibrating half's
+    normal studies: no labelled bleeds); and `--floors` (`floors_threshold` on the whole
+    labelled half). The share of halvings meeting the bar, per site and averaged over sites:
+    how often the deployment step works, not one lucky split (docs/training.md, H12)."""
+    import numpy as np
+
+    from training import studies
+
+    if halvings < 1:
+        raise ValueError(f"local calibration needs at least one halving, not {halvings}")
+    card = rule.thresholds["any"]
+    points = ("card", "normals", "floors")
+    shares: dict[str, dict[str, float]] = {}
+    for name, site in sites.items():
+        y, s = site.truth()[:, -1] > 0.5, site.scores(rule)[:, -1]
+        auc = studies.auc(y, s)
+        rng, met = np.random.default_rng(seed), dict.fromkeys(points, 0)
+        for _ in range(halvings):
+            order = rng.permutation(len(y))
+            mine, other = order[:len(y) // 2], order[len(y) // 2:]
+            chosen = {"card": card, "normals": studies.specificity_threshold(s[mine][~y[mine]], specificity),
+                      "floors": studies.floors_threshold(y[mine], s[mine], *floors)[0]}
+            for point, t in chosen.items():
+                met[point] += t is not None and meets(_at(y[other], s[other], t, auc))
+        shares[name] = {point: n / halvings for point, n in met.items()}
+    mean = {point: sum(site[point] for site in shares.values()) / len(shares) for point in points}
+    return {"rule": str(rule), "halvings": halvings, "seed": seed, "specificity": specificity,
+            "floors": list(floors), "sites": shares, "mean": mean}
 
 
 def bootstrap(rule, calibration: "StudySet", sites: dict[str, "StudySet"], draws: int,
@@ -304,6 +348,13 @@ def table(result: dict) -> str:
         lines.append(f"{b['rule']}: {b['draws']} calibration sets of {b['size']} studies drawn "
                      f"with replacement meet the bar on every site in {b['passed']:.0%} of draws ("
                      + ", ".join(f"{n} {share:.0%}" for n, share in b["sites"].items()) + ")")
+    if "local" in result:
+        local = result["local"]
+        lines.append(f"calibrated on half of each site's own studies ({local['halvings']} halvings, "
+                     f"{local['rule']}), share meeting the bar on the other half: "
+                     + "; ".join(f"{point} {local['mean'][point]:.2f} ("
+                                 + ", ".join(f"{n} {v[point]:.2f}" for n, v in local["sites"].items()) + ")"
+                                 for point in local["mean"]))
     return "\n".join(lines)
 
 
@@ -349,6 +400,10 @@ def main(argv=None) -> int:
                         "the share of draws whose point meets the bar (how much is luck)")
     p.add_argument("--bootstrap-size", type=int, metavar="M",
                    help="studies per draw (default: as many as calibration has)")
+    p.add_argument("--halvings", type=int, default=0, metavar="N",
+                   help="also halve each site's studies N times and report how often calibrating "
+                        "on one half (the card's point; --normals; --floors 0.95 0.85 of "
+                        "training.calibrate) meets the bar on the other")
     p.add_argument("--scores", type=Path, metavar="DIR",
                    help="also write each set's per-slice scores to DIR/<set>.npz (read_scores)")
     p.add_argument("--adapt-studies", type=int, default=0, metavar="N",
@@ -376,7 +431,9 @@ def main(argv=None) -> int:
         p.exit(2, "error: --adapt-layers must be >= 1\n")
     if args.bootstrap < 0 or (args.bootstrap_size is not None and args.bootstrap_size < 1):
         p.exit(2, "error: --bootstrap must be >= 0 and --bootstrap-size >= 1\n")
-    judging = {"draws": args.bootstrap, "draw_size": args.bootstrap_size}
+    if args.halvings < 0:
+        p.exit(2, "error: --halvings must be >= 0\n")
+    judging = {"draws": args.bootstrap, "draw_size": args.bootstrap_size, "halvings": args.halvings}
     if args.study_rule:
         try:
             rules = candidates(args.study_rule)

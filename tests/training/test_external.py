@@ -282,3 +282,49 @@ def test_adapt_studies_score_each_site_with_its_own_batchnorm_statistics(tmp_pat
         with pytest.raises(SystemExit) as exit_info:
             external.main(bad)
         assert exit_info.value.code == 2
+
+
+def test_local_calibration_judges_each_half_as_the_calibrate_tool_would_choose_on_the_other(run, capsys):
+    """Each halving's verdicts are `study_metrics` on the judged half at the point chosen on
+    the other: the card's as it is, `--normals` (its normal studies only) and `--floors` (through
+    `choose_rule`), so the shares are those verdicts averaged, nothing else."""
+    from training import studies
+
+    from tests.training.test_studies import make_set
+
+    root, model, _, _, _ = run
+    rng = np.random.default_rng(8)      # two sites whose bleeds and normals overlap: halves differ
+
+    def site(shift):
+        specs = [(list(rng.uniform(0.01, 0.1, 6)) + [float(rng.beta(6 - shift, 2 + shift))], {6})
+                 for _ in range(30)]
+        return make_set(specs + [(list(rng.uniform(0.01, 0.1, 6)) + [float(rng.beta(2 + shift, 6 - shift))],
+                                  set()) for _ in range(30)])
+
+    saved = {"near": site(0), "far": site(1)}
+    rule = StudyRule("max", 1, {**ModelCard.read(model).rule().thresholds, "any": 0.6})
+    result = external.local_calibration(rule, saved, halvings=6, seed=3)
+    assert any(0 < v < 1 for s in result["sites"].values() for v in s.values()), "halves differ"
+    for name, site in saved.items():
+        rng, met = np.random.default_rng(3), {"card": [], "normals": [], "floors": []}
+        auc = studies.study_metrics(site, rule)["auc"]
+        for _ in range(6):
+            order = rng.permutation(len(site))
+            mine = StudySet(site[i] for i in order[:len(site) // 2])
+            other = StudySet(site[i] for i in order[len(site) // 2:])
+            normal = mine.truth()[:, -1] < 0.5
+            points = {"card": rule,
+                      "normals": rule.with_thresholds({**rule.thresholds, "any": studies.specificity_threshold(
+                          mine.scores(rule)[normal, -1], 0.9)}),
+                      "floors": studies.choose_rule(mine, 0.95, [(rule.name, rule.k)], floors=(0.95, 0.85))[0]}
+            for point, chosen in points.items():
+                m = studies.study_metrics(other, chosen)
+                met[point].append(external.meets({**m, "auc": auc}))
+        assert result["sites"][name] == pytest.approx({p: np.mean(v) for p, v in met.items()})
+    assert result["mean"]["normals"] == pytest.approx(np.mean([s["normals"] for s in result["sites"].values()]))
+    assert external.main(["--from-scores", str(root / "scores"), "--halvings", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["local"]["halvings"] == 4 and "calibrated on half of each site's own" in err
+    with pytest.raises(SystemExit) as refused:
+        external.main(["--from-scores", str(root / "scores"), "--halvings", "-1"])
+    assert refused.value.code == 2
