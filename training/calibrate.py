@@ -53,7 +53,7 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
               workers: int = 2, confidence: float | None = None, placement: float | None = None,
               floors: tuple[float, float] | None = None) -> Path:
     """Write `<out>/<version>`: the model of `model_dir` with thresholds chosen on `data_dir`."""
-    from ich.model import MODEL_FILE, load_artifact
+    from ich.model import load_artifact
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
@@ -83,10 +83,7 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
                   notes=(card.notes + f" Operating point re-chosen on {positive + normal} labelled "
                          f"studies of the site ({data_dir}) by python -m training.calibrate; the "
                          "network is unchanged and its training figures are above.").strip())
-    folder = Path(out) / version
-    folder.mkdir(parents=True, exist_ok=False)
-    shutil.copy2(Path(model_dir).resolve() / MODEL_FILE, folder / MODEL_FILE)
-    new.write(folder)
+    folder = _write_version(model_dir, new, Path(out))
     before, after = site["study_before"], site["study_after"]
     if confidence and site["recall_confidence"] is not None and site["recall_confidence"] < confidence:
         log.warning("%d local bleeding studies cannot hold recall >= %s with confidence %s: the "
@@ -110,7 +107,7 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
     """Write `<out>/<version>`: the model of `model_dir` with its `any` threshold placed on the
     normal studies of `normals_dir`, under the card's rule; subtypes and slice thresholds kept."""
     from ich.labels import ANY
-    from ich.model import MODEL_FILE, load_artifact
+    from ich.model import load_artifact
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
@@ -137,14 +134,22 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
                          f"--normals, for specificity {specificity} on new ones; recall at the "
                          "site was not measured. The network is unchanged and its training "
                          "figures are above.").strip())
-    folder = Path(out) / version
-    folder.mkdir(parents=True, exist_ok=False)
-    shutil.copy2(Path(model_dir).resolve() / MODEL_FILE, folder / MODEL_FILE)
-    new.write(folder)
+    folder = _write_version(model_dir, new, Path(out))
     log.info("any threshold from %d normal studies of the site: %.4g -> %.4g (%+.2f logits); "
              "normal studies alerting there %d -> %d; recall at the site is not measured",
              len(local), before, threshold, site["shift_logits"], site["alerting_before"],
              site["alerting_after"])
+    return folder
+
+
+def _write_version(model_dir: Path, card, out: Path) -> Path:
+    """`<out>/<card.version>`: the network of `model_dir`, byte for byte, with `card`."""
+    from ich.model import MODEL_FILE
+
+    folder = out / card.version
+    folder.mkdir(parents=True, exist_ok=False)
+    shutil.copy2(Path(model_dir).resolve() / MODEL_FILE, folder / MODEL_FILE)
+    card.write(folder)
     return folder
 
 
@@ -341,6 +346,7 @@ def main(argv=None) -> int:
                           k: {m: site[k][m] for m in ("recall", "specificity", "tp", "fn", "tn", "fp")}
                           for k in ("study_before", "study_after")}}, indent=2))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
