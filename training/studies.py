@@ -220,9 +220,10 @@ def specificity_threshold(normal_scores, specificity: float) -> float | None:
     studies stays silent, from the study scores of its normal studies alone (split-conformal,
     `conformal_rank` mirrored: the k-th lowest normal of N is silent for a new normal with
     expected probability k / (N + 1)). It sits at the midpoint, in logits, between that normal
-    and the next higher score (normals tied with it stay silent too). For a site with no labelled bleeds: its normal studies tell where its
-    scores sit, which a threshold carried from another site does not (docs/training.md,
-    "Calibrating on a site's normal studies alone"). None without normal studies."""
+    and the next higher score (normals tied with it stay silent too). For a site with no
+    labelled bleeds: its normal studies tell where its scores sit, which a threshold carried
+    from another site does not (docs/training.md, "Calibrating on a site's normal studies
+    alone"). None without normal studies."""
     scores = np.sort(np.clip(np.asarray(normal_scores, np.float64), 1e-7, 1 - 1e-7))
     if not scores.size:
         return None
