@@ -57,6 +57,7 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
+    version = free_version(out, version or site_version(card))
     local, y, p, _, decoder = labelled_studies(evaluate.compiled_forward(model), card.input_size,
                                             data_dir, batch_size, workers)
     truth = local.truth()[:, -1]
@@ -68,7 +69,6 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
         candidates = studies.candidates(study_rule)
     rule, table = studies.choose_rule(local, target_recall, candidates, confidence, placement, floors)
     slice_thresholds = evaluate.choose_thresholds(y, p, target_recall)
-    version = version or f"{card.version}-site-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     site = {"data": str(data_dir), "from_version": card.version, "target_recall": target_recall,
             "recall_confidence": table[0]["recall_confidence"] if table else None,
             "floors": list(floors) if floors else None,
@@ -111,13 +111,13 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
+    version = free_version(out, version or site_version(card))
     local, decoder = normal_studies(evaluate.compiled_forward(model), card.input_size, normals_dir,
                                     batch_size, workers)
     rule = card.rule()
     scores = local.scores(rule)[:, -1]
-    before = float(card.thresholds[ANY])
+    before = float(rule.thresholds[ANY])    # what a worker compares, defaults included
     threshold = studies.specificity_threshold(scores, specificity)
-    version = version or f"{card.version}-site-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     site = {"method": "normal studies only", "data": str(normals_dir), "from_version": card.version,
             "specificity_target": specificity, "studies": len(local), "normal_studies": len(local),
             "positive_studies": 0, "slices": int(sum(len(s.labels) for s in local)),
@@ -140,6 +140,19 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
              len(local), before, threshold, site["shift_logits"], site["alerting_before"],
              site["alerting_after"])
     return folder
+
+
+def site_version(card) -> str:
+    """The default name of a site's version of `card`."""
+    return f"{card.version}-site-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def free_version(out: Path, version: str) -> str:
+    """`version`, refused if `<out>/<version>` exists: checked before minutes of scoring (the
+    site tools and `training.ensemble`), not after."""
+    if (Path(out) / version).exists():
+        raise FileExistsError(f"{Path(out) / version} exists; name another --version")
+    return version
 
 
 def _write_version(model_dir: Path, card, out: Path) -> Path:

@@ -72,15 +72,13 @@ def ensemble(members: list[Path], data_dir: Path, out: Path, version: str | None
     from ich.labels import LABELS
     from ich.model import ArtifactError, ModelCard, load_artifact, save_artifact
     from training import evaluate, studies
-    from training.calibrate import labelled_studies
+    from training.calibrate import free_version, labelled_studies
 
     if not 2 <= len(members) <= MAX_MEMBERS:
         raise ValueError(f"an ensemble takes 2 to {MAX_MEMBERS} members, not {len(members)}")
     if len({Path(m).resolve() for m in members}) != len(members):
         raise ValueError("a member is named twice: it would count double in the average")
-    version = version or f"ensemble-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    if (Path(out) / version).exists():          # before minutes of scoring, not after
-        raise FileExistsError(f"{Path(out) / version} exists; name another --version")
+    version = free_version(out, version or f"ensemble-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     loaded = [load_artifact(m) for m in members]
     cards = [card for _, card in loaded]
     failed = [c.version for c in cards if c.status != "ok"]

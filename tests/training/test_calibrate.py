@@ -197,3 +197,17 @@ def test_normals_refuses_bleeds_too_few_studies_and_a_lone_specificity(detector,
                            "--version", "rsna-normals"]) == 0
     figures = ModelCard.read(tmp_path / "m" / "rsna-normals").metrics["site_calibration"]
     assert figures["normal_studies"] == 20 and figures["decode"]["skipped"] == 0
+
+
+@pytest.mark.parametrize("source", ["--data", "--normals"])
+def test_a_taken_version_is_refused_before_the_studies_are_read(detector, tmp_path, capsys, source):
+    """Both modes name the version before scoring: a folder that would be refused for its
+    studies is not even read when the version exists (minutes of scoring saved)."""
+    _, model, _ = detector
+    few = _site(tmp_path / "few", 2, 3) if source == "--data" else _normals(tmp_path / "few", 5)
+    (tmp_path / "m" / "taken").mkdir(parents=True)
+    with pytest.raises(SystemExit) as refused:
+        calibrate.main(["--model", str(model), source, str(few), "--out", str(tmp_path / "m"),
+                        "--version", "taken"])
+    assert refused.value.code == 2 and "taken exists; name another --version" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["taken"]
