@@ -101,3 +101,11 @@ class Pipeline:
 
     def metrics(self, which: str = "score") -> dict[str, float]:
         return metrics_text(self.score_metrics if which == "score" else self.alert_metrics)
+
+    def wait_metric(self, name: str, at_least: float, timeout: float = 10) -> dict[str, float]:
+        """The worker counts a batch just after recording its results, so a scrape can fall
+        between the two on a loaded machine: wait for the count, then return every metric."""
+        deadline = time.monotonic() + timeout
+        while (m := self.metrics()).get(name, 0) < at_least and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return m
