@@ -16,6 +16,8 @@ alone: `--normals DIR` (any layout of DICOM files, every study reported normal) 
 on average, `--specificity` (0.90) of the site's new normal studies stay silent
 (`training.studies.specificity_threshold`). It moves the threshold to where the site's scores
 sit, down as well as up; recall at the site is not measured, and the card says so.
+`--specificity LO HI` keeps the card's threshold where those normals put its specificity
+within the band, and moves it to the nearer end otherwise (`studies.band_threshold`, H14).
 
     python -m training.calibrate --model models/current --normals /data/local-normals --promote
 
@@ -42,7 +44,8 @@ MIN_STUDIES = 5
 #: them. With about 70, the threshold aimed at 0.90 keeps 0.85 on others 9 times in 10
 #: (docs/training.md, "Calibrating on a site's normal studies alone").
 MIN_NORMAL_STUDIES = 20
-#: `--normals`: the default share of the site's new normal studies kept silent.
+#: `--normals`: the default share of the site's new normal studies kept silent (a point: the
+#: band of zero width; docs/training.md, H14, on a band).
 SPECIFICITY = 0.90
 #: `--normals`: files scored at most (every slice of every study is needed; about 5000 studies).
 MAX_NORMAL_FILES = 200_000
@@ -102,10 +105,11 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
 
 
 def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: str | None = None,
-                      specificity: float = SPECIFICITY, batch_size: int = 32,
+                      specificity: float | tuple[float, float] = SPECIFICITY, batch_size: int = 32,
                       workers: int = 2) -> Path:
     """Write `<out>/<version>`: the model of `model_dir` with its `any` threshold placed on the
-    normal studies of `normals_dir`, under the card's rule; subtypes and slice thresholds kept."""
+    normal studies of `normals_dir`, under the card's rule; subtypes and slice thresholds kept.
+    `specificity` is a point S, or a band (LO, HI) within which the card's threshold is kept."""
     from ich.labels import ANY
     from ich.model import load_artifact
     from training import evaluate, studies
@@ -117,11 +121,14 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
     rule = card.rule()
     scores = local.scores(rule)[:, -1]
     before = float(rule.thresholds[ANY])    # what a worker compares, defaults included
-    threshold = studies.specificity_threshold(scores, specificity)
+    low, high = (specificity, specificity) if isinstance(specificity, (int, float)) else specificity
+    threshold = studies.band_threshold(scores, before, low, high)
+    target = low if low == high else [low, high]
     site = {"method": "normal studies only", "data": str(normals_dir), "from_version": card.version,
-            "specificity_target": specificity, "studies": len(local), "normal_studies": len(local),
+            "specificity_target": target, "studies": len(local), "normal_studies": len(local),
             "positive_studies": 0, "slices": int(sum(len(s.labels) for s in local)),
             "rule": str(rule), "threshold_before": before, "threshold_after": threshold,
+            "moved": "kept" if threshold == before else "raised" if threshold > before else "lowered",
             "shift_logits": round(float(evaluate.logit(threshold) - evaluate.logit(before)), 4),
             "alerting_before": int((scores >= before).sum()),
             "alerting_after": int((scores >= threshold).sum()),
@@ -131,7 +138,7 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
                   metrics={**card.metrics, "site_calibration": site},
                   notes=(card.notes + f" The any threshold was placed on {len(local)} normal "
                          f"studies of the site ({normals_dir}) by python -m training.calibrate "
-                         f"--normals, for specificity {specificity} on new ones; recall at the "
+                         f"--normals, for specificity {target} on new ones; recall at the "
                          "site was not measured. The network is unchanged and its training "
                          "figures are above.").strip())
     folder = _write_version(model_dir, new, Path(out))
@@ -261,8 +268,11 @@ def _normals_problem(args) -> str | None:
         return "--specificity goes with --normals (labelled studies: --floors)"
     if not args.normals:
         return None
-    if args.specificity is not None and not 0 < args.specificity < 1:
-        return "--specificity must be in (0, 1)"
+    if args.specificity is not None:
+        if len(args.specificity) > 2 or not all(0 < s < 1 for s in args.specificity):
+            return "--specificity is one share S or a band LO HI, each in (0, 1)"
+        if args.specificity != sorted(args.specificity):
+            return "--specificity LO HI: LO must not be above HI"
     others = [flag for flag, given in (("--floors", args.floors), ("--recall-confidence", args.recall_confidence),
                                        ("--gap-placement", args.gap_placement is not None),
                                        ("--study-rule", args.study_rule != "keep")) if given]
@@ -296,9 +306,10 @@ def main(argv=None) -> int:
                         help="instead: studies of the site reported normal, any layout of DICOM "
                              f"files (at least {MIN_NORMAL_STUDIES}); only the any threshold moves, "
                              "to --specificity on them, under the card's rule; recall is not measured")
-    p.add_argument("--specificity", type=float, metavar="S",
+    p.add_argument("--specificity", type=float, nargs="+", metavar="S",
                    help=f"with --normals: the share of the site's new normal studies kept silent, "
-                        f"on average (default {SPECIFICITY})")
+                        f"on average (default {SPECIFICITY}); or LO HI: keep the card's threshold "
+                        "where they put its specificity within the band, else the nearer end")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="study recall to keep on new studies of the site (default 0.95)")
     p.add_argument("--recall-confidence", type=float, default=0.0, metavar="C",
@@ -330,7 +341,8 @@ def main(argv=None) -> int:
     try:
         if args.normals:
             folder = calibrate_normals(args.model, args.normals, args.out, args.version,
-                                       args.specificity or SPECIFICITY, args.batch_size, args.workers)
+                                       (args.specificity[0], args.specificity[-1]) if args.specificity else SPECIFICITY,
+                                       args.batch_size, args.workers)
         else:
             folder = calibrate(args.model, args.data, args.out, args.version, args.target_recall,
                                args.study_rule, args.batch_size, args.workers,
@@ -350,7 +362,7 @@ def main(argv=None) -> int:
     if args.normals:
         print(json.dumps({"artifact": str(folder), **{k: site[k] for k in (
             "rule", "specificity_target", "normal_studies", "threshold_before", "threshold_after",
-            "shift_logits", "alerting_before", "alerting_after", "recall")}}, indent=2))
+            "moved", "shift_logits", "alerting_before", "alerting_after", "recall")}}, indent=2))
         return 0
     print(json.dumps({"artifact": str(folder), "study_rule": card.study_rule,
                       "thresholds": card.thresholds,

@@ -196,15 +196,17 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
 
 
 def local_calibration(rule, sites: dict[str, "StudySet"], halvings: int, seed: int = 0,
-                      specificity: float = 0.90, floors: tuple[float, float] = (0.95, 0.85)) -> dict:
+                      specificity: float = 0.90, floors: tuple[float, float] = (0.95, 0.85),
+                      band: tuple[float, float] = (0.88, 0.93)) -> dict:
     """How often calibrating a site on its own studies meets BAR on its other studies.
 
     Each site's studies are halved `halvings` times (a fresh `default_rng(seed)` per site,
     halving h its h-th `permutation`: the first half calibrates, the rest are judged). Under
-    `rule` (the card's), three points are judged on the same halves: the card's `any` threshold
+    `rule` (the card's), four points are judged on the same halves: the card's `any` threshold
     as it is; `training.calibrate --normals` (`specificity_threshold` on the calibrating half's
-    normal studies: no labelled bleeds); and `--floors` (`floors_threshold` on the whole
-    labelled half). The share of halvings meeting the bar, per site and averaged over sites:
+    normal studies: no labelled bleeds); `--normals --specificity LO HI` (`band_threshold`: the
+    card's kept where those normals allow it, H14); and `--floors` (`floors_threshold` on the
+    whole labelled half). The share of halvings meeting the bar, per site and averaged over sites:
     how often the deployment step works, not one lucky split (docs/training.md, H12)."""
     import numpy as np
 
@@ -213,7 +215,7 @@ def local_calibration(rule, sites: dict[str, "StudySet"], halvings: int, seed: i
     if halvings < 1:
         raise ValueError(f"local calibration needs at least one halving, not {halvings}")
     card = rule.thresholds["any"]
-    points = ("card", "normals", "floors")
+    points = ("card", "normals", "band", "floors")
     shares: dict[str, dict[str, float]] = {}
     for name, site in sites.items():
         y, s = site.truth()[:, -1] > 0.5, site.scores(rule)[:, -1]
@@ -222,14 +224,16 @@ def local_calibration(rule, sites: dict[str, "StudySet"], halvings: int, seed: i
         for _ in range(halvings):
             order = rng.permutation(len(y))
             mine, other = order[:len(y) // 2], order[len(y) // 2:]
-            chosen = {"card": card, "normals": studies.specificity_threshold(s[mine][~y[mine]], specificity),
+            normals = s[mine][~y[mine]]
+            chosen = {"card": card, "normals": studies.specificity_threshold(normals, specificity),
+                      "band": studies.band_threshold(normals, card, *band),
                       "floors": studies.floors_threshold(y[mine], s[mine], *floors)[0]}
             for point, t in chosen.items():
                 met[point] += t is not None and meets(_at(y[other], s[other], t, auc))
         shares[name] = {point: n / halvings for point, n in met.items()}
     mean = {point: sum(site[point] for site in shares.values()) / len(shares) for point in points}
     return {"rule": str(rule), "halvings": halvings, "seed": seed, "specificity": specificity,
-            "floors": list(floors), "sites": shares, "mean": mean}
+            "band": list(band), "floors": list(floors), "sites": shares, "mean": mean}
 
 
 def bootstrap(rule, calibration: "StudySet", sites: dict[str, "StudySet"], draws: int,

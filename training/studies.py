@@ -234,6 +234,21 @@ def specificity_threshold(normal_scores, specificity: float) -> float | None:
     return float(sigmoid((logit(low) + logit(high)) / 2))
 
 
+def band_threshold(normal_scores, current: float, low: float, high: float) -> float | None:
+    """`current` (the card's `any` threshold) where the site's normal studies say it keeps
+    between `low` and `high` of new normals silent, else the nearer end: clip(current,
+    T(low), T(high)) with T = `specificity_threshold`. A threshold chosen elsewhere is kept
+    where the site's normals cannot tell it is wrong, so a right one is not traded for one
+    sampled from ~70 normals (docs/training.md, H14); low == high is the point T(low). None
+    without normal studies."""
+    if not low <= high:
+        raise ValueError(f"a specificity band needs low <= high, not [{low}, {high}]")
+    floor, ceiling = specificity_threshold(normal_scores, low), specificity_threshold(normal_scores, high)
+    if floor is None:
+        return None
+    return float(min(max(current, floor), ceiling))
+
+
 def choose_rule(studies: StudySet, target_recall: float | None, candidates=CANDIDATES,
                 confidence: float | None = RECALL_CONFIDENCE,
                 placement: float | None = None,

@@ -97,6 +97,27 @@ def test_floors_no_threshold_can_meet_are_said_and_the_nearest_is_kept(detector,
     assert (after["tp"], after["fp"]) == (6, 0), "the 6 real bleeds alert, the 5 normals do not"
 
 
+def test_a_band_keeps_a_threshold_the_site_normals_allow_and_moves_one_they_do_not(detector, normals,
+                                                                                    tmp_path, capsys):
+    """`--specificity LO HI`: the detector's threshold (1e-6) pages on all 24 normals, so the
+    band [0.5, 0.6] raises it to its low end, where at least k = ⌈0.5 · 25⌉ = 13 are silent;
+    that version calibrated again with the band [0.4, 0.95] around it is kept as it is."""
+    _, model, _ = detector
+    out = tmp_path / "m"
+    assert calibrate.main(["--model", str(model), "--normals", str(normals), "--out", str(out),
+                           "--version", "raised", "--specificity", "0.5", "0.6"]) == 0
+    raised = json.loads(capsys.readouterr().out)
+    assert raised["moved"] == "raised" and raised["specificity_target"] == [0.5, 0.6]
+    assert raised["alerting_before"] == 24 and raised["alerting_after"] <= 11
+    assert calibrate.main(["--model", str(out / "raised"), "--normals", str(normals), "--out", str(out),
+                           "--version", "kept", "--specificity", "0.4", "0.95"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert kept["moved"] == "kept" and kept["shift_logits"] == 0
+    assert kept["threshold_after"] == kept["threshold_before"] == raised["threshold_after"]
+    assert kept["alerting_after"] == raised["alerting_after"]
+    assert ModelCard.read(out / "kept").thresholds["any"] == raised["threshold_after"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--floors", "0", "0.85"], "must be in (0, 1]"),
     (["--floors", "0.95", "nan"], "must be in (0, 1]"),
@@ -166,10 +187,33 @@ def test_normals_place_the_any_threshold_where_the_site_normals_are_silent(detec
     assert (m["tp"], m["fn"], m["fp"]) == (6, 0, 0)
 
 
+def test_a_band_keeps_a_threshold_the_site_normals_allow_and_moves_one_they_do_not(detector, normals,
+                                                                                    tmp_path, capsys):
+    """`--specificity LO HI`: the detector's threshold (1e-6) pages on all 24 normals, so the
+    band [0.5, 0.6] raises it to its low end, where at least k = ⌈0.5 · 25⌉ = 13 are silent;
+    that version calibrated again with the band [0.4, 0.95] around it is kept as it is."""
+    _, model, _ = detector
+    out = tmp_path / "m"
+    assert calibrate.main(["--model", str(model), "--normals", str(normals), "--out", str(out),
+                           "--version", "raised", "--specificity", "0.5", "0.6"]) == 0
+    raised = json.loads(capsys.readouterr().out)
+    assert raised["moved"] == "raised" and raised["specificity_target"] == [0.5, 0.6]
+    assert raised["alerting_before"] == 24 and raised["alerting_after"] <= 11
+    assert calibrate.main(["--model", str(out / "raised"), "--normals", str(normals), "--out", str(out),
+                           "--version", "kept", "--specificity", "0.4", "0.95"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert kept["moved"] == "kept" and kept["shift_logits"] == 0
+    assert kept["threshold_after"] == kept["threshold_before"] == raised["threshold_after"]
+    assert kept["alerting_after"] == raised["alerting_after"]
+    assert ModelCard.read(out / "kept").thresholds["any"] == raised["threshold_after"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--floors", "0.95", "0.85"], "drop --floors"),
     (["--gap-placement", "0.3", "--study-rule", "max"], "drop --gap-placement, --study-rule"),
-    (["--specificity", "1"], "--specificity must be in (0, 1)"),
+    (["--specificity", "1"], "--specificity is one share S or a band LO HI, each in (0, 1)"),
+    (["--specificity", "0.8", "0.85", "0.9"], "--specificity is one share S or a band LO HI"),
+    (["--specificity", "0.93", "0.88"], "LO must not be above HI"),
 ])
 def test_normals_with_a_labelled_choice_are_refused_before_scoring(detector, normals, tmp_path,
                                                                    capsys, extra, message):

@@ -286,8 +286,9 @@ def test_adapt_studies_score_each_site_with_its_own_batchnorm_statistics(tmp_pat
 
 def test_local_calibration_judges_each_half_as_the_calibrate_tool_would_choose_on_the_other(run, capsys):
     """Each halving's verdicts are `study_metrics` on the judged half at the point chosen on
-    the other: the card's as it is, `--normals` (its normal studies only) and `--floors` (through
-    `choose_rule`), so the shares are those verdicts averaged, nothing else."""
+    the other: the card's as it is, `--normals` (its normal studies only), `--normals` with the
+    band [0.88, 0.93] around the card's and `--floors` (through `choose_rule`), so the shares are
+    those verdicts averaged, nothing else."""
     from training import studies
 
     from tests.training.test_studies import make_set
@@ -297,25 +298,28 @@ def test_local_calibration_judges_each_half_as_the_calibrate_tool_would_choose_o
 
     def site(shift):
         specs = [(list(rng.uniform(0.01, 0.1, 6)) + [float(rng.beta(6 - shift, 2 + shift))], {6})
-                 for _ in range(30)]
+                 for _ in range(100)]
         return make_set(specs + [(list(rng.uniform(0.01, 0.1, 6)) + [float(rng.beta(2 + shift, 6 - shift))],
-                                  set()) for _ in range(30)])
+                                  set()) for _ in range(100)])
 
     saved = {"near": site(0), "far": site(1)}
-    rule = StudyRule("max", 1, {**ModelCard.read(model).rule().thresholds, "any": 0.6})
+    # A card that pages on both sites: the band raises it, to another point than the normals'.
+    rule = StudyRule("max", 1, {**ModelCard.read(model).rule().thresholds, "any": 0.3})
     result = external.local_calibration(rule, saved, halvings=6, seed=3)
     assert any(0 < v < 1 for s in result["sites"].values() for v in s.values()), "halves differ"
     for name, site in saved.items():
-        rng, met = np.random.default_rng(3), {"card": [], "normals": [], "floors": []}
+        rng, met = np.random.default_rng(3), {"card": [], "normals": [], "band": [], "floors": []}
         auc = studies.study_metrics(site, rule)["auc"]
         for _ in range(6):
             order = rng.permutation(len(site))
             mine = StudySet(site[i] for i in order[:len(site) // 2])
             other = StudySet(site[i] for i in order[len(site) // 2:])
-            normal = mine.truth()[:, -1] < 0.5
+            normal = mine.scores(rule)[mine.truth()[:, -1] < 0.5, -1]
+            low, high = (studies.specificity_threshold(normal, s) for s in (0.88, 0.93))
             points = {"card": rule,
                       "normals": rule.with_thresholds({**rule.thresholds, "any": studies.specificity_threshold(
-                          mine.scores(rule)[normal, -1], 0.9)}),
+                          normal, 0.9)}),
+                      "band": rule.with_thresholds({**rule.thresholds, "any": min(max(rule.thresholds["any"], low), high)}),
                       "floors": studies.choose_rule(mine, 0.95, [(rule.name, rule.k)], floors=(0.95, 0.85))[0]}
             for point, chosen in points.items():
                 m = studies.study_metrics(other, chosen)

@@ -236,3 +236,18 @@ def test_specificity_threshold_silences_the_conformal_share_of_new_normals():
     silent = [np.mean(rng.beta(2, 5, 1000) < studies.specificity_threshold(rng.beta(2, 5, 60), 0.9))
               for _ in range(400)]
     assert 0.9 <= np.mean(silent) <= 0.92
+
+
+def test_band_threshold_keeps_a_plausible_card_and_moves_an_implausible_one_to_the_nearer_end():
+    normals = np.arange(1, 100) / 100                   # 99 normals at 0.01..0.99
+    low, high = studies.specificity_threshold(normals, 0.88), studies.specificity_threshold(normals, 0.93)
+    assert 0.87 < low < high < 0.94
+    assert studies.band_threshold(normals, 0.905, 0.88, 0.93) == 0.905        # inside: kept
+    assert studies.band_threshold(normals, 0.50, 0.88, 0.93) == low           # pages: raised
+    assert studies.band_threshold(normals, 0.99, 0.88, 0.93) == high          # too deaf: lowered
+    # A band of zero width is the point, whatever the card said.
+    for card in (0.2, 0.9, 0.999):
+        assert studies.band_threshold(normals, card, 0.9, 0.9) == studies.specificity_threshold(normals, 0.9)
+    assert studies.band_threshold([], 0.5, 0.88, 0.93) is None
+    with pytest.raises(ValueError, match="low <= high"):
+        studies.band_threshold(normals, 0.5, 0.93, 0.88)
