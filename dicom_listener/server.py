@@ -11,7 +11,6 @@ import time
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
-from pydicom.uid import UID
 
 from ich.settings import Settings
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from ich.imaging import PREPROCESSING_VERSION
-from ich.labels import LABELS
 from training.cache import (DTYPE, FORMAT, MANIFEST_FIELDS, MANIFEST_FILE, META_FILE, SHARD_DIR,
                             CacheError, SliceCache, check_meta, is_cache, read_meta, shard_path)
 from training.data import TRAIN_CSV, DataError, _number, read_trainset

@@ -10,7 +10,7 @@ import redis
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from pynetdicom import AE as SCU
-from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, MRImageStorage
+from pynetdicom.sop_class import BasicTextSRStorage, MRImageStorage
 
 from dicom_listener.send import responses_stay_queued
 from ich import keys
