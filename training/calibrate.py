@@ -12,12 +12,13 @@ one.
     python -m training.calibrate --model models/current --data /data/local-labelled --promote
 
 A site with normal studies but too few labelled bleeds can set the `any` threshold from those
-alone: `--normals DIR` (any layout of DICOM files, every study reported normal) places it where,
-on average, `--specificity` (0.90) of the site's new normal studies stay silent
-(`training.studies.specificity_threshold`). It moves the threshold to where the site's scores
-sit, down as well as up; recall at the site is not measured, and the card says so.
-`--specificity LO HI` keeps the card's threshold where those normals put its specificity
-within the band, and moves it to the nearer end otherwise (`studies.band_threshold`, H14).
+alone: `--normals DIR` (any layout of DICOM files, every study reported normal). It keeps the
+card's threshold where those studies say it keeps, on average, between 0.88 and 0.93 of the
+site's new normal studies silent, and otherwise moves it to the nearer end of that band
+(`training.studies.band_threshold`, `--specificity LO HI`), down as well as up: a threshold that
+suits the site is not traded for one sampled from its normals (docs/training.md, H14).
+`--specificity S` places it at S whatever the card said (`specificity_threshold`). Recall at
+the site is not measured, and the card says so.
 
     python -m training.calibrate --model models/current --normals /data/local-normals --promote
 
@@ -44,9 +45,9 @@ MIN_STUDIES = 5
 #: them. With about 70, the threshold aimed at 0.90 keeps 0.85 on others 9 times in 10
 #: (docs/training.md, "Calibrating on a site's normal studies alone").
 MIN_NORMAL_STUDIES = 20
-#: `--normals`: the default share of the site's new normal studies kept silent (a point: the
-#: band of zero width; docs/training.md, H14, on a band).
-SPECIFICITY = 0.90
+#: `--normals`: the shares of the site's new normal studies kept silent between which the
+#: card's threshold is kept (docs/training.md, H14); one share S is the band (S, S).
+SPECIFICITY: tuple[float, float] = (0.88, 0.93)
 #: `--normals`: files scored at most (every slice of every study is needed; about 5000 studies).
 MAX_NORMAL_FILES = 200_000
 
@@ -308,8 +309,9 @@ def main(argv=None) -> int:
                              "to --specificity on them, under the card's rule; recall is not measured")
     p.add_argument("--specificity", type=float, nargs="+", metavar="S",
                    help=f"with --normals: the share of the site's new normal studies kept silent, "
-                        f"on average (default {SPECIFICITY}); or LO HI: keep the card's threshold "
-                        "where they put its specificity within the band, else the nearer end")
+                        "on average; or LO HI: keep the card's threshold where they put its "
+                        "specificity within the band, else the nearer end (default "
+                        f"{SPECIFICITY[0]} {SPECIFICITY[1]})")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="study recall to keep on new studies of the site (default 0.95)")
     p.add_argument("--recall-confidence", type=float, default=0.0, metavar="C",
