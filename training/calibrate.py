@@ -143,10 +143,10 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
                          "site was not measured. The network is unchanged and its training "
                          "figures are above.").strip())
     folder = _write_version(model_dir, new, Path(out))
-    log.info("any threshold from %d normal studies of the site: %.4g -> %.4g (%+.2f logits); "
+    log.info("any threshold from %d normal studies of the site: %.4g -> %.4g (%s, %+.2f logits); "
              "normal studies alerting there %d -> %d; recall at the site is not measured",
-             len(local), before, threshold, site["shift_logits"], site["alerting_before"],
-             site["alerting_after"])
+             len(local), before, threshold, site["moved"], site["shift_logits"],
+             site["alerting_before"], site["alerting_after"])
     return folder
 
 

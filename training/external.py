@@ -197,23 +197,25 @@ def judge(version: str, rule, calibration: "StudySet", sites: dict[str, "StudySe
 
 def local_calibration(rule, sites: dict[str, "StudySet"], halvings: int, seed: int = 0,
                       specificity: float = 0.90, floors: tuple[float, float] = (0.95, 0.85),
-                      band: tuple[float, float] = (0.88, 0.93)) -> dict:
+                      band: tuple[float, float] | None = None) -> dict:
     """How often calibrating a site on its own studies meets BAR on its other studies.
 
     Each site's studies are halved `halvings` times (a fresh `default_rng(seed)` per site,
     halving h its h-th `permutation`: the first half calibrates, the rest are judged). Under
     `rule` (the card's), four points are judged on the same halves: the card's `any` threshold
-    as it is; `training.calibrate --normals` (`specificity_threshold` on the calibrating half's
-    normal studies: no labelled bleeds); `--normals --specificity LO HI` (`band_threshold`: the
-    card's kept where those normals allow it, H14); and `--floors` (`floors_threshold` on the
-    whole labelled half). The share of halvings meeting the bar, per site and averaged over sites:
+    as it is; "normals", `training.calibrate --normals --specificity S` (`specificity_threshold`
+    on the calibrating half's normal studies: no labelled bleeds); "band", `--normals` as it
+    ships (`band_threshold`, default `calibrate.SPECIFICITY`: the card's kept where those normals
+    allow it, H14); and "floors", `--data --floors` (`floors_threshold` on the whole labelled
+    half). The share of halvings meeting the bar, per site and averaged over sites:
     how often the deployment step works, not one lucky split (docs/training.md, H12)."""
     import numpy as np
 
-    from training import studies
+    from training import calibrate, studies
 
     if halvings < 1:
         raise ValueError(f"local calibration needs at least one halving, not {halvings}")
+    band = band or calibrate.SPECIFICITY
     card = rule.thresholds["any"]
     points = ("card", "normals", "band", "floors")
     shares: dict[str, dict[str, float]] = {}
