@@ -29,6 +29,7 @@ system-deps:
 	@scripts/system-deps
 
 test: install system-deps
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Long load and fault runs (issue 7): prints the figures they measure.
