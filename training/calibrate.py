@@ -61,7 +61,7 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
-    version = free_version(out, version or site_version(card))
+    version = free_version(out, version or stamped(f"{card.version}-site"))
     local, y, p, _, decoder = labelled_studies(evaluate.compiled_forward(model), card.input_size,
                                             data_dir, batch_size, workers)
     truth = local.truth()[:, -1]
@@ -106,23 +106,23 @@ def calibrate(model_dir: Path, data_dir: Path, out: Path, version: str | None = 
 
 
 def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: str | None = None,
-                      specificity: float | tuple[float, float] = SPECIFICITY, batch_size: int = 32,
+                      band: tuple[float, float] = SPECIFICITY, batch_size: int = 32,
                       workers: int = 2) -> Path:
     """Write `<out>/<version>`: the model of `model_dir` with its `any` threshold placed on the
     normal studies of `normals_dir`, under the card's rule; subtypes and slice thresholds kept.
-    `specificity` is a point S, or a band (LO, HI) within which the card's threshold is kept."""
+    `band` (LO, HI): the card's threshold is kept within it; (S, S) places the point S."""
     from ich.labels import ANY
     from ich.model import load_artifact
     from training import evaluate, studies
 
     model, card = load_artifact(model_dir)
-    version = free_version(out, version or site_version(card))
+    version = free_version(out, version or stamped(f"{card.version}-site"))
     local, decoder = normal_studies(evaluate.compiled_forward(model), card.input_size, normals_dir,
                                     batch_size, workers)
     rule = card.rule()
     scores = local.scores(rule)[:, -1]
     before = float(rule.thresholds[ANY])    # what a worker compares, defaults included
-    low, high = (specificity, specificity) if isinstance(specificity, (int, float)) else specificity
+    low, high = band
     threshold = studies.band_threshold(scores, before, low, high)
     target = low if low == high else [low, high]
     site = {"method": "normal studies only", "data": str(normals_dir), "from_version": card.version,
@@ -150,9 +150,9 @@ def calibrate_normals(model_dir: Path, normals_dir: Path, out: Path, version: st
     return folder
 
 
-def site_version(card) -> str:
-    """The default name of a site's version of `card`."""
-    return f"{card.version}-site-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+def stamped(name: str) -> str:
+    """The default name of a new version: `name`-<UTC time> (a site's version, an ensemble)."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def free_version(out: Path, version: str) -> str:

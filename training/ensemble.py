@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -72,13 +71,13 @@ def ensemble(members: list[Path], data_dir: Path, out: Path, version: str | None
     from ich.labels import LABELS
     from ich.model import ArtifactError, ModelCard, load_artifact, save_artifact
     from training import evaluate, studies
-    from training.calibrate import free_version, labelled_studies
+    from training.calibrate import free_version, labelled_studies, stamped
 
     if not 2 <= len(members) <= MAX_MEMBERS:
         raise ValueError(f"an ensemble takes 2 to {MAX_MEMBERS} members, not {len(members)}")
     if len({Path(m).resolve() for m in members}) != len(members):
         raise ValueError("a member is named twice: it would count double in the average")
-    version = free_version(out, version or f"ensemble-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    version = free_version(out, version or stamped("ensemble"))
     loaded = [load_artifact(m) for m in members]
     cards = [card for _, card in loaded]
     failed = [c.version for c in cards if c.status != "ok"]
