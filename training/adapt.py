@@ -75,6 +75,7 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
     layer or in the first `layers` of them (graph order: the stem first), the others kept."""
     from ich.labels import LABELS
     from ich.model import load_artifact, save_artifact
+    from training.calibrate import free_version, stamped
     from training.data import Decoder, Slices, dataset
     from training.train import PreciseBatchNorm, batchnorm_layers
 
@@ -88,6 +89,7 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
         raise ValueError(f"{data_dir}: {listed} files; at least {MIN_SLICES} are needed to "
                          "estimate BatchNorm statistics")
     model, card = load_artifact(model_dir)
+    version = free_version(out, version or stamped(f"{card.version}-adapted"))   # before minutes of work
     if card.training.get("ensemble"):   # its members' stems are not "the first K layers"
         raise ValueError(f"{card.version} is an ensemble: adapt each member, then ensemble the "
                          "adapted members (python -m training.ensemble)")
@@ -110,7 +112,6 @@ def adapt(model_dir: Path, data_dir: Path, out: Path, version: str | None = None
                          f"{MIN_SLICES} are needed to estimate BatchNorm statistics "
                          f"(skipped: {decoder.report()['reasons']})")
     adapted, averaged = len(statistics.layers), used - used % batch_size
-    version = version or f"{card.version}-adapted-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     site = {"method": "BatchNorm statistics re-estimated on unlabelled slices (AdaBN)",
             "data": str(data_dir), "from_version": card.version, "files": listed,
             "slices": averaged, "batch_size": batch_size, "seed": seed,

@@ -125,6 +125,22 @@ def test_a_folder_too_small_is_refused_and_nothing_is_written(model, tmp_path):
         adapt.adapt(model, tmp_path / "nowhere", tmp_path / "models")
 
 
+def test_a_taken_version_is_refused_before_anything_is_decoded(model, tmp_path, monkeypatch, capsys):
+    """As calibrate and ensemble do: the version is named before the statistics are estimated
+    (minutes on a real export), not refused after them. The folder holds no CT slice at all, so
+    reading it first would have refused it for that instead."""
+    monkeypatch.setattr(adapt, "MIN_SLICES", 8)
+    for n in range(10):
+        (tmp_path / "export" / f"IM{n}").parent.mkdir(exist_ok=True)
+        (tmp_path / "export" / f"IM{n}").write_bytes(b"not a DICOM file")
+    (tmp_path / "m" / "taken").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit:
+        adapt.main(["--model", str(model), "--data", str(tmp_path / "export"), "--out",
+                    str(tmp_path / "m"), "--version", "taken", "--batch-size", "8"])
+    assert exit.value.code == 2 and "taken exists; name another --version" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["taken"]
+
+
 def test_a_large_folder_is_sampled_to_max_slices(tmp_path):
     for n in range(30):
         (tmp_path / f"d{n % 3}").mkdir(exist_ok=True)
