@@ -615,10 +615,12 @@ def test_alert_rules_cover_the_failure_modes():
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool not installed (Debian: apt-get install prometheus)")
 def test_rules_and_dashboard_queries_pass_promtool(tmp_path):
-    """PromQL syntax of every rule and panel, and the rules' unit tests (alerts_test.yml)."""
+    """PromQL syntax of every rule and panel, and the rules' unit tests (alerts_test.yml, and
+    alerts_rates_test.yml for the day- and week-long rate alerts)."""
     here = DEPLOY / "prometheus"
-    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
-        out = subprocess.run(["promtool", *args], cwd=here, capture_output=True, text=True, timeout=60)
+    for args in (["check", "rules", "alerts.yml"],
+                 ["test", "rules", "alerts_test.yml", "alerts_rates_test.yml"]):
+        out = subprocess.run(["promtool", *args], cwd=here, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
     queries = [{"record": f"dashboard:query_{i}",
                 "expr": e.replace("$__rate_interval", "1m").replace("$__range", "1h")}
