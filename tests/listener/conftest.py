@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import base64
+import time
 
 import pytest
 
@@ -19,10 +20,17 @@ class Listener(ServiceProcess):
             "ICH_REDIS_URL": redis_url, "ICH_DICOM_PORT": str(self.port),
             "ICH_DICOM_HOST": "127.0.0.1", "ICH_AE_TITLE": AE,
             "ICH_LISTENER_METRICS_PORT": str(self.metrics_port), "ICH_DICOM_TIMEOUT_S": "10",
-            **env}, tmp_path / f"listener-{self.port}.log")
+            **env}, tmp_path / f"listener-{self.port}-{self.metrics_port}.log")
 
-    def start(self, **kw) -> "Listener":
-        super().start(wait_port=self.port, **kw)
+    def start(self, timeout: float = 60.0, **kw) -> "Listener":
+        """Started once its own DICOM socket is bound. With SO_REUSEPORT another listener may
+        already answer on the port, so a connection proves nothing; its log line does."""
+        super().start(wait_port=self.port, timeout=timeout, **kw)
+        deadline = time.monotonic() + timeout
+        while "listening on" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the listener did not bind port {self.port}:\n{self.log()}")
+            time.sleep(0.05)
         return self
 
     def metrics(self) -> dict[str, float]:
