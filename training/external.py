@@ -2,8 +2,8 @@
 
 A model is judged at study level on sites it never saw, with its operating point chosen on
 separate calibration studies, never by its own test split alone (docs/training.md, "Sites").
-This generates the project's standard held-out sets once (`HELDOUT`: site-d, site-e and site-f,
-300 studies each) and the calibration studies (`CALIBRATION_SEED`, the training site's own
+This generates the project's standard held-out sets once (`HELDOUT`: site-d to site-g, 300
+studies each) and the calibration studies (`CALIBRATION_SEED`, the training site's own
 distribution without the faint-bleed emphasis, 160 studies), scores them, re-chooses the `any`
 threshold on the calibration studies under the card's study rule (as `training.calibrate` does,
 nothing written), and reports every site at the card's operating point and at the calibration
@@ -48,8 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The held-out sites and their seeds: site-d and site-e lie outside training on several axes,
-#: site-f on skull-base streaks only (`training.synthetic.SITES`).
-HELDOUT: tuple[tuple[str, int], ...] = (("site-d", 9960), ("site-e", 5360), ("site-f", 6160))
+#: site-f on skull-base streaks only, site-g adds a clip or coil to every study
+#: (`training.synthetic.SITES`). Score folders from before site-g are judged without it.
+HELDOUT: tuple[tuple[str, int], ...] = (("site-d", 9960), ("site-e", 5360), ("site-f", 6160),
+                                        ("site-g", 7160))
 #: Calibration studies are drawn from the training site with this seed (no faint emphasis: the
 #: operating point should sit on the site's natural mix of bleeds, not training's).
 CALIBRATION_SEED = 7777
@@ -309,16 +311,22 @@ def read_scores(path: Path) -> "StudySet":
 
 def judge_saved(folder: Path, target_recall: float = 0.95, confidence: float | None = None,
                 placement: float | None = None, **judging) -> dict:
-    """`judge` on a `--scores` folder (its card, `calibration.npz` and each HELDOUT site's
-    .npz): the report again, or at another operating-point choice, in seconds and without the
-    model (docs/external-scores keeps such folders)."""
+    """`judge` on a `--scores` folder (its card, `calibration.npz` and the HELDOUT sites' .npz
+    it holds: folders saved before a site existed are judged on the others, and say so): the
+    report again, or at another operating-point choice, in seconds and without the model
+    (docs/external-scores keeps such folders)."""
     from ich.model import ModelCard
 
     folder = Path(folder)
-    names = ["calibration", *(name for name, _ in HELDOUT)]
-    missing = [f"{n}.npz" for n in names if not (folder / f"{n}.npz").is_file()]
-    if missing:
+    held = [name for name, _ in HELDOUT if (folder / f"{name}.npz").is_file()]
+    if not (folder / "calibration.npz").is_file() or not held:
+        missing = [f"{n}.npz" for n in ["calibration", *(name for name, _ in HELDOUT)]
+                   if not (folder / f"{n}.npz").is_file()]
         raise ValueError(f"{folder} lacks {', '.join(missing)}: not a --scores folder")
+    if len(held) < len(HELDOUT):
+        log.warning("%s holds no scores of %s: judged on %s only", folder,
+                    ", ".join(name for name, _ in HELDOUT if name not in held), ", ".join(held))
+    names = ["calibration", *held]
     card = ModelCard.read(folder)
     sets = {name: read_scores(folder / f"{name}.npz") for name in names}
     calibration = sets.pop("calibration")

@@ -108,8 +108,10 @@ class Site:
     never saw; `site-e` lies outside on the other side (small heads, very soft kernel, low
     noise, HU calibration off by 6.5-10, strong beam hardening) and was defined before any model
     was measured on it, so no design choice was tuned on it. `site-f` pushes one axis out:
-    skull-base streaks, which site-e's false alerts followed. `legacy` is the generator before
-    sites existed, byte for byte.
+    skull-base streaks, which site-e's false alerts followed. `site-g` adds what training never
+    shows: intracranial metal (an aneurysm clip or coil) and its streaks, bright and dark lines
+    across the brain that no kernel or skull-base range resembles. `legacy` is the generator
+    before sites existed, byte for byte.
     docs/training.md tabulates the ranges and why each.
     """
 
@@ -132,15 +134,18 @@ class Site:
     bleed_scale: tuple[float, float] = (1.0, 1.0)   # x bleed thickness and blob size
     blood_clip: tuple[float, float] = (50.0, 90.0)  # blood HU after noise stays in this range
     faint_bleeds: float = 0.0                       # share of studies with bleeds in FAINT_PART
+    metal: float = 0.0                              # probability of an aneurysm clip or coil
+    metal_streaks: tuple[float, float] = (0.0, 0.0)  # HU of its streaks 10 mm from the metal
 
 
 #: The faint end of a site's `bleed_shift` that `faint_bleeds` studies draw from: the lowest
 #: 40 % (randomised: -12 to -4 HU, bleeds 48-76 HU, SAH 44-66).
 FAINT_PART = 0.4
 
-#: Named sites. Training data default to `randomised`; `site-d`, `site-e` and `site-f` are for
-#: held-out validation only. `site-f` is `randomised` with every study's skull-base streaks
-#: beyond training's (36-55 HU) and no faint-bleed share: one axis pushed out, the rest inside.
+#: Named sites. Training data default to `randomised`; `site-d` to `site-g` are for held-out
+#: validation only. `site-f` is `randomised` with every study's skull-base streaks beyond
+#: training's (36-55 HU) and no faint-bleed share: one axis pushed out, the rest inside;
+#: `site-g` is `randomised` with an aneurysm clip or coil in every study (streaks 40-200 HU).
 SITES: dict[str, Site] = {
     "legacy": Site("legacy"),
     "randomised": Site(
@@ -168,6 +173,13 @@ SITES: dict[str, Site] = {
         kernel=(-0.8, 0.6), hu_offset=(-6.0, 6.0), cupping=(0.0, 10.0), streaks=(36.0, 55.0),
         motion=0.1, atrophy=(0.0, 1.0), calcification=0.35, dense_vessel=0.15,
         bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0)),
+    "site-g": Site(
+        "site-g", head_scale=(0.88, 1.10), tilt=(-0.25, 0.25), fov_mm=(200.0, 260.0),
+        slice_mm=(2.5, 3.0, 5.0), noise_scale=(0.6, 1.6), noise_grain=(0.0, 1.2),
+        kernel=(-0.8, 0.6), hu_offset=(-6.0, 6.0), cupping=(0.0, 10.0), streaks=(0.0, 25.0),
+        motion=0.1, atrophy=(0.0, 1.0), calcification=0.35, dense_vessel=0.15,
+        bleed_shift=(-12.0, 8.0), bleed_scale=(0.6, 1.3), blood_clip=(30.0, 100.0),
+        metal=1.0, metal_streaks=(40.0, 200.0)),
 }
 DEFAULT_SITE = "randomised"
 
@@ -188,11 +200,19 @@ def natural_mix(site: "str | Site") -> Site:
     return dataclasses.replace(site_named(site), faint_bleeds=0.0)
 
 
+#: Site fields added after data were generated, with the default that draws nothing new: at
+#: it a site's digest, and so its folders' names, stay what they were.
+_LATER_FIELDS = {"metal": 0.0, "metal_streaks": (0.0, 0.0)}
+
+
 def site_digest(site: "str | Site") -> str:
     """8 hex digits of a site's every range: phantom folders are named by it, so data drawn
     from an older definition of a site (another streak or bleed range) are never reused as if
     they were drawn from the current one."""
-    return hashlib.sha256(repr(dataclasses.astuple(site_named(site))).encode()).hexdigest()[:8]
+    site = site_named(site)
+    values = tuple(getattr(site, f.name) for f in dataclasses.fields(site)
+                   if f.name not in _LATER_FIELDS or getattr(site, f.name) != _LATER_FIELDS[f.name])
+    return hashlib.sha256(repr(values).encode()).hexdigest()[:8]
 
 
 def folder_name(seed: int, studies: int, slices: tuple[int, int], site: "str | Site") -> str:
@@ -223,6 +243,8 @@ class _Acquisition:
     bleed_shift: tuple[float, float]
     bleed_scale: float
     blood_clip: tuple[float, float]
+    metal: tuple = ()     # () or (x mm, y mm from the ventricles, zn, half zn, radius mm, HU,
+    #                       rays ((angle, sign, width mm), ...))
 
 
 def _acquisition(seed: int, index: int, site: Site) -> _Acquisition:
@@ -251,14 +273,21 @@ def _acquisition(seed: int, index: int, site: Site) -> _Acquisition:
     vessel = (int(rng.integers(0, 2)) * 2 - 1, _u(rng, -0.5, -0.4), _u(rng, 55, 70), _u(rng, 1.0, 1.6))
     shifts = (u(site.bleed_shift), u(site.bleed_shift))
     bleed_scale = u(site.bleed_scale)
-    if rng.random() < site.faint_bleeds:   # drawn last, always: every draw above stays put
+    if rng.random() < site.faint_bleeds:   # drawn after the rest, always: they stay put
         lo, hi = site.bleed_shift
         shifts = tuple(lo + (s - lo) * FAINT_PART for s in shifts)
+    # metal came later still: near the circle of Willis, where clips and coils sit
+    metal_present = rng.random() < site.metal
+    metal = (_u(rng, -25, 25), _u(rng, -15, 10), _u(rng, -0.5, -0.2), _u(rng, 0.03, 0.07),
+             _u(rng, 1.5, 4.0), u(site.metal_streaks),
+             tuple((_u(rng, 0, math.pi), -1.0 if rng.random() < 0.6 else 1.0, _u(rng, 0.6, 2.0))
+                   for _ in range(8)))
     return _Acquisition(
         site=site.name, **values, streaks=(amplitude, lines) if amplitude > 0 else (0.0, ()),
         motion=motion if moving else (0.0, 0.0, 0.0), atrophy=atrophy,
         calcifications=tuple(calcifications), vessel=vessel if vessel_present else (),
-        bleed_shift=shifts, bleed_scale=bleed_scale, blood_clip=tuple(site.blood_clip))
+        bleed_shift=shifts, bleed_scale=bleed_scale, blood_clip=tuple(site.blood_clip),
+        metal=metal if metal_present else ())
 
 
 # ----------------------------------------------------------------------------- seeds and ids
@@ -887,7 +916,7 @@ def _findings(hu: np.ndarray, h: _Head, g: _Grid, a: _Anatomy, k: int, acq: _Acq
     """Hard negatives, drawn in place: physiological calcifications (pineal, choroid plexus,
     falx, basal ganglia; 90-400 HU) and a hyperdense middle cerebral artery (55-70 HU, as
     dense as blood). None of them is a haemorrhage; a model must not alert on them."""
-    if not acq.calcifications and not acq.vessel:
+    if not acq.calcifications and not acq.vessel and not acq.metal:
         return
     zn = float(g.zn[k])
     vx, vy, vw, vl, _ = h.vent
@@ -921,11 +950,33 @@ def _findings(hu: np.ndarray, h: _Head, g: _Grid, a: _Anatomy, k: int, acq: _Acq
             along = g.xh * side
             mask = (along > 10) & (along < 40) & (np.abs(g.yh - (vy - 8)) < radius)
             np.copyto(hu, np.float32(value), where=mask & (a.di >= 0))
+    if acq.metal:                          # a clip or coil: metal, beyond what CT numbers hold
+        x, y, z_metal, half, radius = acq.metal[:5]
+        t = _taper(zn, z_metal, half)
+        if radius * t > 0.5:
+            np.copyto(hu, np.float32(3071), where=_disk(g, x, vy + y, radius * t) & inside)
+
+
+def _metal_streaks(h: _Head, g: _Grid, zn: float, metal: tuple) -> np.ndarray | None:
+    """Metal's streaks (photon starvation, beam hardening): dark and bright lines through the
+    metal, fading with distance from it, on its slices and the next ones out (a thick slice
+    and the cone beam reach past the object)."""
+    x, y, z_metal, half, _, amplitude, rays = metal
+    weight = _taper(zn, z_metal, 1.6 * half)
+    if not amplitude or not weight:
+        return None
+    dx, dy = g.xh - np.float32(x), g.yh - np.float32(h.vent[1] + y)
+    fade = np.float32(amplitude * weight * 1.5) / (1 + np.hypot(dx, dy) / np.float32(20))
+    field = np.zeros(dx.shape, np.float32)
+    for angle, sign, width in rays:
+        d = -dx * np.float32(math.sin(angle)) + dy * np.float32(math.cos(angle))
+        field += np.float32(sign) * np.exp(-(d / np.float32(width)) ** 2)
+    return fade * field
 
 
 def _scanner(hu: np.ndarray, h: _Head, g: _Grid, a: _Anatomy, k: int, acq: _Acquisition) -> np.ndarray:
-    """What the scanner does to the object: beam-hardening cupping and skull-base streaks
-    inside the skull, patient motion (a ghost), then the reconstruction kernel."""
+    """What the scanner does to the object: beam-hardening cupping, skull-base and metal
+    streaks inside the skull, patient motion (a ghost), then the reconstruction kernel."""
     zn, s = float(g.zn[k]), float(g.scale[k])
     inside = a.di >= 0
     if acq.cupping:
@@ -940,6 +991,9 @@ def _scanner(hu: np.ndarray, h: _Head, g: _Grid, a: _Anatomy, k: int, acq: _Acqu
             d = -g.xh * np.float32(math.sin(angle)) + (g.yh - np.float32(yc + offset)) * np.float32(math.cos(angle))
             field += np.float32(sign) * np.exp(-(d / np.float32(width)) ** 2)
         hu += np.where(inside, np.float32(amplitude * weight) * field, np.float32(0))
+    metal = _metal_streaks(h, g, zn, acq.metal) if acq.metal else None
+    if metal is not None:
+        hu += np.where(inside, metal, np.float32(0))
     px = h.size / 512
     ghost, dx, dy = acq.motion
     if ghost:
@@ -1000,6 +1054,7 @@ def acquisition_row(seed: int, index: int, site: "str | Site" = DEFAULT_SITE) ->
             **{f: round(float(getattr(a, f)), 4) for f in _DRAWN},
             "streaks": round(float(a.streaks[0]), 4), "motion": round(float(a.motion[0]), 4),
             "calcifications": len(a.calcifications), "dense_vessel": int(bool(a.vessel)),
+            "metal": round(float(a.metal[5]), 4) if a.metal else 0.0,
             "bleed_shift": round(float(min(a.bleed_shift)), 4)}
 
 

@@ -118,7 +118,7 @@ def run(tmp_path_factory):
 def test_external_validation_reports_each_site_at_both_points(run):
     root, model, code, out, err = run
     result = json.loads(out)
-    assert set(result["sites"]) == {"site-d", "site-e", "site-f"}
+    assert set(result["sites"]) == {"site-d", "site-e", "site-f", "site-g"}
     assert code == 0
     calibration = root / "data" / synthetic.folder_name(
         external.CALIBRATION_SEED, 24, (6, 8), synthetic.natural_mix("randomised"))
@@ -155,7 +155,7 @@ def test_saved_scores_give_the_same_figures_without_the_model(run):
     root, model, _, out, _ = run
     result = json.loads(out)
     saved = {p.stem: external.read_scores(p) for p in (root / "scores").glob("*.npz")}
-    assert set(saved) == {"calibration", "site-d", "site-e", "site-f"}
+    assert set(saved) == {"calibration", "site-d", "site-e", "site-f", "site-g"}
     assert all(len(saved[name]) == site["studies"] for name, site in result["sites"].items())
     calibration = saved.pop("calibration")
     again = external.judge(result["model"], ModelCard.read(model).rule(), calibration, saved)
@@ -197,7 +197,16 @@ def test_a_scores_folder_is_judged_again_without_the_model(run, capsys, tmp_path
     shutil.copy(root / "scores" / "calibration.npz", tmp_path / "partial")
     with pytest.raises(SystemExit) as refused:
         external.main(["--from-scores", str(tmp_path / "partial")])
-    assert refused.value.code == 2 and "lacks site-d.npz, site-e.npz, site-f.npz" in capsys.readouterr().err
+    assert refused.value.code == 2 and "lacks site-d.npz, site-e.npz, site-f.npz, site-g.npz" in capsys.readouterr().err
+    # a folder saved before site-g existed: judged on the sites it has, as it was then
+    shutil.copytree(root / "scores", tmp_path / "older")
+    (tmp_path / "older" / "site-g.npz").unlink()
+    assert external.main(["--from-scores", str(tmp_path / "older")]) == 0
+    older = json.loads(capsys.readouterr().out)
+    assert list(older["sites"]) == ["site-d", "site-e", "site-f"]
+    for name, site in older["sites"].items():
+        assert site["calibration"] == result["sites"][name]["calibration"]
+    assert older["passed"] == all(s["calibration"]["passed"] for s in older["sites"].values())
 
 
 def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
@@ -209,7 +218,7 @@ def test_sets_are_reused_and_check_exits_by_the_bar(run, capsys, caplog):
     again = json.loads(capsys.readouterr().out)
     assert "scored seed6160-studies8-" in caplog.text and "reusing" in caplog.text, "INFO is captured..."
     assert "generating" not in caplog.text, "...and nothing was generated again"
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 5
     assert again["sites"] == first["sites"]
     assert code == (0 if again["passed"] else 1)
 

@@ -383,7 +383,7 @@ LEGACY_PIXEL_SUMS = np.array([41736561, 95111565, 119029537, 115194973, 83452446
                               120173368, 113226076, 19943673, -73584875, -1775186, -8153309, -94640754])
 
 
-@pytest.mark.parametrize("name", ["randomised", "site-d", "site-e", "site-f"])
+@pytest.mark.parametrize("name", ["randomised", "site-d", "site-e", "site-f", "site-g"])
 def test_each_study_draws_inside_its_sites_ranges(name):
     site = synthetic.SITES[name]
     draws = [synthetic._acquisition(17, i, site) for i in range(300)]
@@ -397,6 +397,13 @@ def test_each_study_draws_inside_its_sites_ranges(name):
     share = np.mean([bool(d.calcifications) for d in draws])
     assert 1 - (1 - site.calcification) ** 4 - 0.1 < share < 1 - (1 - site.calcification) ** 4 + 0.1
     assert 0 < np.mean([bool(d.vessel) for d in draws]) < 0.5
+    metal = [d.metal for d in draws if d.metal]
+    assert site.metal - 0.08 < len(metal) / 300 < site.metal + 0.08
+    if metal:
+        lo, hi = site.metal_streaks
+        amplitudes = np.array([m[5] for m in metal])
+        assert lo <= amplitudes.min() and amplitudes.max() <= hi
+        assert amplitudes.max() - amplitudes.min() > 0.8 * (hi - lo)
 
 
 def test_faint_bleeds_draw_from_the_faint_end_and_leave_every_other_draw_alone():
@@ -421,8 +428,9 @@ def test_faint_bleeds_draw_from_the_faint_end_and_leave_every_other_draw_alone()
     digest = hashlib.sha256()
     for name, seed in (("site-d", 9945), ("site-e", 4343)):
         for i in range(60):
-            draw = synthetic._acquisition(seed, i, synthetic.SITES[name])
-            digest.update(repr(dataclasses.asdict(draw)).encode())
+            draw = dataclasses.asdict(synthetic._acquisition(seed, i, synthetic.SITES[name]))
+            assert draw.pop("metal") == ()     # metal came later, drawn after the rest
+            digest.update(repr(draw).encode())
     assert digest.hexdigest() == "70bb84d5d73404c6dffe728212c63bcfed973a97ab0e3e4dc83ccb21243f6ccd"
 
 
@@ -434,6 +442,38 @@ def test_site_f_is_the_training_site_with_only_its_streaks_pushed_out():
     assert f.streaks[0] > train.streaks[1] and f.faint_bleeds == 0
 
 
+def test_site_g_is_the_training_site_with_metal_in_every_study():
+    """site-g isolates what training never shows: a clip or coil and its streaks."""
+    train, g = synthetic.SITES["randomised"], synthetic.SITES["site-g"]
+    assert dataclasses.replace(g, name=train.name, metal=train.metal, metal_streaks=train.metal_streaks,
+                               faint_bleeds=train.faint_bleeds) == train
+    assert g.metal == 1.0 and g.faint_bleeds == 0
+
+
+def test_metal_is_an_unlabelled_finding_with_streaks_inside_the_head():
+    """The same heads with and without a clip differ only inside the skull: the metal itself
+    (beyond what CT numbers hold) and streaks both brighter and darker than the brain; nothing
+    is labelled, and the slices far from the metal are untouched."""
+    plain = synthetic.Site("plain")
+    clipped = synthetic.Site("clipped", metal=1.0, metal_streaks=(150.0, 150.0))
+    metal_seen = bright = dark = untouched = 0
+    for index in range(3):
+        a = make_study(31, index, slices=(24, 26), site=plain, variant="default", subtypes=())
+        b = make_study(31, index, slices=(24, 26), site=clipped, variant="default", subtypes=())
+        for x, y in zip(a, b, strict=True):
+            assert not any(y.labels.values())
+            before, after = hu(x.dataset), hu(y.dataset)
+            changed = before != after
+            if not changed.any():
+                untouched += 1
+                continue
+            assert before[changed].max() < 100, "drawn into brain or CSF, not bone or air"
+            metal_seen += int((after >= 3000).any())
+            bright += int(((after - before) > 60).any())
+            dark += int(((after - before) < -60).any())
+    assert metal_seen >= 3 and bright >= 3 and dark >= 3 and untouched >= 20
+
+
 def test_a_changed_site_definition_names_another_folder():
     """Default phantom folders are reused when complete, so one drawn from an older definition
     of a site (e.g. narrower streaks) must not carry the current definition's name."""
@@ -442,6 +482,9 @@ def test_a_changed_site_definition_names_another_folder():
     wider = dataclasses.replace(site, streaks=(site.streaks[0], site.streaks[1] + 1.0))
     assert synthetic.site_digest(same) == synthetic.site_digest("randomised")
     assert synthetic.site_digest(wider) != synthetic.site_digest(site)
+    # fields added later leave the folders already generated their names until they are set
+    assert synthetic.site_digest("randomised") == "29372017"
+    assert synthetic.site_digest(dataclasses.replace(site, metal=0.1)) != synthetic.site_digest(site)
     assert len({synthetic.site_digest(name) for name in synthetic.SITES}) == len(synthetic.SITES)
     name = synthetic.folder_name(3, 20, (24, 36), "randomised")
     assert name == f"seed3-studies20-slices24-36-randomised-{synthetic.site_digest(site)}"
@@ -450,7 +493,7 @@ def test_a_changed_site_definition_names_another_folder():
 
 @pytest.mark.parametrize("name,axes", [("site-d", ("noise_grain", "kernel", "head_scale")),
                                        ("site-e", ("kernel", "head_scale", "hu_offset", "fov_mm")),
-                                       ("site-f", ("streaks",))])
+                                       ("site-f", ("streaks",)), ("site-g", ("metal_streaks",))])
 def test_held_out_sites_lie_outside_the_training_ranges(name, axes):
     """A held-out site must be one the default training data never had."""
     train, held = synthetic.SITES[synthetic.DEFAULT_SITE], synthetic.SITES[name]
