@@ -318,14 +318,14 @@ def judge_saved(folder: Path, target_recall: float = 0.95, confidence: float | N
     from ich.model import ModelCard
 
     folder = Path(folder)
-    held = [name for name, _ in HELDOUT if (folder / f"{name}.npz").is_file()]
-    if not (folder / "calibration.npz").is_file() or not held:
-        missing = [f"{n}.npz" for n in ["calibration", *(name for name, _ in HELDOUT)]
-                   if not (folder / f"{n}.npz").is_file()]
-        raise ValueError(f"{folder} lacks {', '.join(missing)}: not a --scores folder")
-    if len(held) < len(HELDOUT):
-        log.warning("%s holds no scores of %s: judged on %s only", folder,
-                    ", ".join(name for name, _ in HELDOUT if name not in held), ", ".join(held))
+    missing = [n for n in ["calibration", *(name for name, _ in HELDOUT)]
+               if not (folder / f"{n}.npz").is_file()]
+    held = [name for name, _ in HELDOUT if name not in missing]
+    if "calibration" in missing or not held:
+        raise ValueError(f"{folder} lacks {', '.join(f'{n}.npz' for n in missing)}: not a --scores folder")
+    if missing:
+        log.warning("%s holds no scores of %s: judged on %s only", folder, ", ".join(missing),
+                    ", ".join(held))
     names = ["calibration", *held]
     card = ModelCard.read(folder)
     sets = {name: read_scores(folder / f"{name}.npz") for name in names}

@@ -457,20 +457,15 @@ def test_metal_is_an_unlabelled_finding_with_streaks_inside_the_head():
     plain = synthetic.Site("plain")
     clipped = synthetic.Site("clipped", metal=1.0, metal_streaks=(150.0, 150.0))
     metal_seen = bright = dark = untouched = 0
-    for index in range(3):
-        a = make_study(31, index, slices=(24, 26), site=plain, variant="default", subtypes=())
-        b = make_study(31, index, slices=(24, 26), site=clipped, variant="default", subtypes=())
-        for x, y in zip(a, b, strict=True):
-            assert not any(y.labels.values())
-            before, after = hu(x.dataset), hu(y.dataset)
-            changed = before != after
-            if not changed.any():
-                untouched += 1
-                continue
-            assert before[changed].max() < 100, "drawn into brain or CSF, not bone or air"
-            metal_seen += int((after >= 3000).any())
-            bright += int(((after - before) > 60).any())
-            dark += int(((after - before) < -60).any())
+    for before, after in _same_heads(plain, clipped, (24, 26)):
+        changed = before != after
+        if not changed.any():
+            untouched += 1
+            continue
+        assert before[changed].max() < 100, "drawn into brain or CSF, not bone or air"
+        metal_seen += int((after >= 3000).any())
+        bright += int(((after - before) > 60).any())
+        dark += int(((after - before) < -60).any())
     assert metal_seen >= 3 and bright >= 3 and dark >= 3 and untouched >= 20
 
 
@@ -544,23 +539,29 @@ def test_noise_texture_is_correlated_where_the_site_says():
     assert abs(lag1(white)) < 0.1 and lag1(grainy) > 0.6
 
 
+def _same_heads(plain, finding, slices):
+    """HU of each slice of three normal heads drawn at `plain` and at `finding` (a site that
+    adds a finding); the finding's slices must carry no label."""
+    for index in range(3):
+        a = make_study(31, index, slices=slices, site=plain, variant="default", subtypes=())
+        b = make_study(31, index, slices=slices, site=finding, variant="default", subtypes=())
+        for x, y in zip(a, b, strict=True):
+            assert not any(y.labels.values())
+            yield hu(x.dataset), hu(y.dataset)
+
+
 def test_calcifications_are_bright_unlabelled_findings_inside_the_head():
     """Hard negatives: the same heads with and without calcifications differ only inside the
     skull, by calcium-bright pixels, and nothing is labelled."""
     plain = synthetic.Site("plain")
     calcified = synthetic.Site("calcified", calcification=1.0)
     differs = 0
-    for index in range(3):
-        a = make_study(31, index, slices=(12, 14), site=plain, variant="default", subtypes=())
-        b = make_study(31, index, slices=(12, 14), site=calcified, variant="default", subtypes=())
-        for x, y in zip(a, b, strict=True):
-            assert not any(y.labels.values())
-            before, after = hu(x.dataset), hu(y.dataset)
-            changed = before != after
-            if changed.any():
-                differs += 1
-                assert after[changed].min() >= 90 - 30, "calcium (>= 90 HU) plus noise"
-                assert before[changed].max() < 100, "drawn into brain or CSF, not bone or air"
+    for before, after in _same_heads(plain, calcified, (12, 14)):
+        changed = before != after
+        if changed.any():
+            differs += 1
+            assert after[changed].min() >= 90 - 30, "calcium (>= 90 HU) plus noise"
+            assert before[changed].max() < 100, "drawn into brain or CSF, not bone or air"
     assert differs >= 3
 
 
